@@ -1,0 +1,445 @@
+"""A fake OpenAI-compatible provider (api.openai.com / openrouter.ai wire format) on Tornado.
+
+Tests start it in-process with `await start(FakeState(...))`, turn the knobs on the returned
+state and assert on `state.received`. The benchmark runs it standalone:
+
+    python contrib/fake_providers/openai_compat.py --port 9001 --latency 0.05 --chunks 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
+FINGERPRINT = "fp_fake00001"
+EMBEDDING_DIM = 8
+OPENROUTER_COMMENT = b": OPENROUTER PROCESSING\n\n"
+
+_PIECE = re.compile(r"\s*\S+\s*")  # a word with its trailing whitespace
+_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")  # Azure: the model is in the path
+
+# status -> (type, code, message), as OpenAI sends them.
+ERRORS: dict[int, tuple[str, str | None, str]] = {
+    400: ("invalid_request_error", None, "Invalid request."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided. You can find "
+          "your API key at https://platform.openai.com/account/api-keys."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
+    404: ("invalid_request_error", None, "Not found."),
+    405: ("invalid_request_error", None, "Method not allowed."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests per min (RPM): "
+          "Limit 3, Used 3, Requested 1. Please try again in 1s."),
+    500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+    502: ("server_error", None, "Bad gateway."),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+BAD_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+    "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
+    "sent was not valid JSON.)"
+)
+NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+@dataclass
+class Received:
+    """One request the fake got."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # names lower-cased
+    body: dict | None  # parsed JSON, or None
+
+
+@dataclass
+class FakeState:
+    """Knobs (set by tests, may change between requests) and observations for one fake server.
+
+    Order per request: record -> auth (401) -> injected failure -> JSON/model check (400) ->
+    latency -> reply. Errors are answered without latency.
+    """
+
+    api_key: str | None = None  # Bearer (or Azure `api-key`) must match, else 401
+    latency: float = 0.0  # before the reply / before the first stream chunk
+    chunk_delay: float = 0.0  # between stream chunks
+    fail_times: int = 0  # the next N requests fail with fail_status (counts down)
+    fail_status: int = 500
+    retry_after: str | None = None  # on injected failures; 429 sends "1" when unset
+    fail_mid_stream_after: int | None = None  # close the socket after N content chunks
+    openrouter_comments: bool = False  # ": OPENROUTER PROCESSING" before every chunk
+    reply_text: str | None = None  # default: "echo: " + last user message
+    stream_chunks: int | None = None  # reply is N pieces of "tok " (stream and non-stream)
+    record: bool = True  # standalone mode turns this off so memory stays flat
+    received: list[Received] = field(default_factory=list)
+    stream_aborted: bool = False  # a client left before [DONE]
+    streams_finished: int = 0  # streams that sent [DONE]
+
+    def count(self, path_suffix: str) -> int:
+        return sum(1 for r in self.received if r.path.endswith(path_suffix))
+
+
+def error_body(status: int, message: str | None = None, *, code=..., param=None) -> bytes:
+    type_, default_code, default_message = ERRORS.get(status, ERRORS[500 if status >= 500 else 400])
+    return orjson.dumps({"error": {
+        "message": message or default_message,
+        "type": type_,
+        "param": param,
+        "code": default_code if code is ... else code,
+    }})
+
+
+def text_of(content) -> str:
+    """Message content as text: a string, or the text parts of a content list joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def prompt_text(prompt) -> tuple[str, int]:
+    """Legacy `prompt` (str, [str], [int] or [[int]]) -> (text to echo, prompt tokens)."""
+    items = prompt if isinstance(prompt, list) else [prompt]
+    if items and all(isinstance(x, int) for x in items):
+        items = [items]
+    text = " ".join(x for x in items if isinstance(x, str))
+    tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in items)
+    return text, tokens
+
+
+def embedding(item) -> list[float]:
+    """EMBEDDING_DIM deterministic float32 values in [-1, 1) derived from the input."""
+    digest = hashlib.sha256(orjson.dumps(item)).digest()
+    raw = struct.unpack(f"<{EMBEDDING_DIM}I", digest[: 4 * EMBEDDING_DIM])
+    floats = [u / 2**31 - 1.0 for u in raw]
+    return list(struct.unpack(f"<{EMBEDDING_DIM}f", struct.pack(f"<{EMBEDDING_DIM}f", *floats)))
+
+
+def tool_call(body: dict) -> dict | None:
+    """The tool call to make, if the request offers tools and asks about the weather."""
+    tools = body.get("tools")
+    users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if not tools or not users or "weather" not in text_of(users[-1].get("content")).lower():
+        return None
+    name = tools[0].get("function", {}).get("name", "tool")
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": name, "arguments": '{"location":"Paris"}'}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Records, authenticates, injects failures and parses JSON; owns error bodies and SSE."""
+
+    def initialize(self, state: FakeState) -> None:
+        self.state = state
+        self.body: dict = {}
+        self.streaming = False
+        self.include_usage = False
+        self.wake: asyncio.Future | None = None  # set while pausing; a disconnect resolves it
+
+    def set_default_headers(self) -> None:
+        self.set_header("content-type", "application/json")
+        self.set_header("x-request-id", "req_" + uuid.uuid4().hex)
+
+    def compute_etag(self) -> None:
+        return None
+
+    def fail(self, status: int, message: str | None = None, **kw) -> None:
+        self.set_status(status)
+        self.finish(error_body(status, message, **kw))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        self.write(error_body(status_code))
+
+    def record(self, body: dict | None) -> None:
+        req = self.request
+        if self.state.record:
+            headers = {k.lower(): v for k, v in req.headers.items()}
+            self.state.received.append(Received(req.method, req.path, req.query, headers, body))
+
+    async def prepare(self) -> None:
+        state, req = self.state, self.request
+        body, bad_json = None, False
+        if req.body:
+            try:
+                body = orjson.loads(req.body)
+            except orjson.JSONDecodeError:
+                bad_json = True
+        self.record(body if isinstance(body, dict) else None)
+        if state.api_key is not None:
+            auth = req.headers.get("Authorization", "")
+            key = auth[7:] if auth.startswith("Bearer ") else req.headers.get("api-key")
+            if not key:
+                return self.fail(401, NO_KEY, code=None)
+            if key != state.api_key:
+                return self.fail(401)  # never echo the presented key
+        if state.fail_times > 0:
+            state.fail_times -= 1
+            retry_after = state.retry_after or ("1" if state.fail_status == 429 else None)
+            if retry_after is not None:
+                self.set_header("retry-after", retry_after)
+            return self.fail(state.fail_status)
+        if req.method == "POST":
+            if bad_json or not isinstance(body, dict):
+                return self.fail(400, BAD_JSON)
+            self.body = body
+            if (m := _DEPLOYMENT.search(req.path)) and not body.get("model"):
+                body["model"] = m.group(1)
+            if not body.get("model"):
+                return self.fail(400, "you must provide a model parameter")
+            self.streaming = body.get("stream") is True
+            self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if state.latency:
+            await self.pause(state.latency)
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but wake at once if the client disconnects (no handler outlives its client)."""
+        loop = asyncio.get_running_loop()
+        self.wake = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, self.wake)
+        try:
+            await self.wake
+        finally:
+            timer.cancel()
+
+    def on_connection_close(self) -> None:
+        if self.wake is not None:
+            _resolve(self.wake)
+        if self.streaming:
+            self.state.stream_aborted = True
+            self.streaming = False
+
+    def reply_pieces(self, echo: str) -> list[str]:
+        """The reply as stream pieces; joined, they are the non-stream content."""
+        state = self.state
+        if state.stream_chunks is not None:
+            return ["tok "] * state.stream_chunks
+        text = state.reply_text if state.reply_text is not None else "echo: " + echo
+        return _PIECE.findall(text) or ([text] if text else [])
+
+    def send_json(self, obj: dict) -> None:
+        self.finish(orjson.dumps(obj))
+
+    async def send_stream(self, head: list[dict], content: list[dict], tail: list[dict]) -> None:
+        """Send SSE events, flushing each; honour chunk_delay, comments and mid-stream failure."""
+        state = self.state
+        self.set_header("content-type", "text/event-stream")
+        self.set_header("cache-control", "no-cache")
+        cut = None if state.fail_mid_stream_after is None else len(head) + state.fail_mid_stream_after
+        for i, event in enumerate(head + content + tail):
+            if i == cut:
+                self.streaming = False
+                self.detach().close()  # abrupt close: no terminating chunk, no [DONE]
+                return
+            if i and state.chunk_delay:
+                await self.pause(state.chunk_delay)
+            if not self.streaming:  # the client went away
+                return
+            if state.openrouter_comments:
+                self.write(OPENROUTER_COMMENT)
+            self.write(b"data: " + orjson.dumps(event) + b"\n\n")
+            if not await self._flush():
+                return
+        self.write(b"data: [DONE]\n\n")
+        if await self._flush():
+            self.streaming = False
+            state.streams_finished += 1
+            self.finish()
+
+    async def _flush(self) -> bool:
+        try:
+            await self.flush()
+            return True
+        except StreamClosedError:
+            self.on_connection_close()
+            return False
+
+
+class ChatCompletionsHandler(BaseHandler):
+    async def post(self) -> None:
+        body = self.body
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        prompt_tokens = sum(len(text_of(m.get("content")).split()) for m in messages)
+        users = [m for m in messages if m.get("role") == "user"]
+        n = int(body.get("n") or 1)
+        call = tool_call(body)
+        if call:
+            pieces = re.findall(r"\w+|\W+", call["function"]["arguments"])
+            message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+            finish = "tool_calls"
+        else:
+            pieces = self.reply_pieces(text_of(users[-1].get("content")) if users else "")
+            message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
+            finish = "stop"
+        use = usage(prompt_tokens, n * len(pieces))
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:29], int(time.time())
+
+        def envelope(obj: str) -> dict:
+            return {"id": cid, "object": obj, "created": created, "model": body["model"],
+                    "system_fingerprint": FINGERPRINT}
+
+        if not self.streaming:
+            choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+                       for i in range(n)]
+            return self.send_json({**envelope("chat.completion"), "choices": choices, "usage": use})
+
+        def chunk(i: int, delta: dict, finish_reason: str | None = None) -> dict:
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            out = {**envelope("chat.completion.chunk"), "choices": [choice]}
+            return {**out, "usage": None} if self.include_usage else out
+
+        if call:
+            first = {"index": 0, **call, "function": {**call["function"], "arguments": ""}}
+            head = [chunk(i, {"role": "assistant", "content": None, "tool_calls": [first]}) for i in range(n)]
+            content = [chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+                       for p in pieces for i in range(n)]
+        else:
+            head = [chunk(i, {"role": "assistant", "content": ""}) for i in range(n)]
+            content = [chunk(i, {"content": p}) for p in pieces for i in range(n)]
+        tail = [chunk(i, {}, finish) for i in range(n)]
+        if self.include_usage:
+            tail.append({**envelope("chat.completion.chunk"), "choices": [], "usage": use})
+        await self.send_stream(head, content, tail)
+
+
+class CompletionsHandler(BaseHandler):
+    async def post(self) -> None:
+        body = self.body
+        echo, prompt_tokens = prompt_text(body.get("prompt", ""))
+        n = int(body.get("n") or 1)
+        pieces = self.reply_pieces(echo)
+        use = usage(prompt_tokens, n * len(pieces))
+        base = {"id": "cmpl-" + uuid.uuid4().hex[:29], "object": "text_completion",
+                "created": int(time.time()), "model": body["model"],
+                "system_fingerprint": FINGERPRINT}
+
+        def choice(i: int, text: str, finish: str | None) -> dict:
+            return {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+
+        if not self.streaming:
+            text = "".join(pieces)
+            return self.send_json({**base, "choices": [choice(i, text, "stop") for i in range(n)],
+                                   "usage": use})
+        extra = {"usage": None} if self.include_usage else {}
+        content = [{**base, "choices": [choice(i, p, None)], **extra} for p in pieces for i in range(n)]
+        tail = [{**base, "choices": [choice(i, "", "stop")], **extra} for i in range(n)]
+        if self.include_usage:
+            tail.append({**base, "choices": [], "usage": use})
+        await self.send_stream([], content, tail)
+
+
+class EmbeddingsHandler(BaseHandler):
+    async def post(self) -> None:
+        body = self.body
+        inp = body.get("input")
+        if isinstance(inp, str) or (isinstance(inp, list) and inp and all(isinstance(x, int) for x in inp)):
+            inp = [inp]
+        if not isinstance(inp, list) or not inp or not all(isinstance(x, (str, list)) for x in inp):
+            return self.fail(400, "'$.input' is invalid. Please check the API reference: "
+                                  "https://platform.openai.com/docs/api-reference.", param="input")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, item in enumerate(inp):
+            vec = embedding(item)
+            if as_base64:
+                vec = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in inp)
+        self.send_json({"object": "list", "data": data, "model": body["model"],
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+class ModelsHandler(BaseHandler):
+    def get(self) -> None:
+        self.send_json({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "system"} for m in MODELS
+        ]})
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:  # record, then 404 like OpenAI; no auth or failure injection
+        self.record(None)
+        self.fail(404, f"Invalid URL ({self.request.method} {self.request.path})")
+
+
+def make_app(state: FakeState) -> tornado.web.Application:
+    args = {"state": state}
+    return tornado.web.Application(
+        [
+            (r".*/chat/completions", ChatCompletionsHandler, args),
+            (r".*/completions", CompletionsHandler, args),
+            (r".*/embeddings", EmbeddingsHandler, args),
+            (r".*/models", ModelsHandler, args),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=args,
+        log_function=lambda handler: None,  # no access log: cheap under the benchmark
+    )
+
+
+async def start(state: FakeState | None = None, port: int = 0, host: str = "127.0.0.1"
+                ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
+    """Start the fake on `host:port` (0 = a free port); returns (server, port, state)."""
+    state = state if state is not None else FakeState()
+    sockets = tornado.netutil.bind_sockets(port, host)
+    server = tornado.httpserver.HTTPServer(make_app(state))
+    server.add_sockets(sockets)
+    return server, sockets[0].getsockname()[1], state
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Fake OpenAI-compatible provider.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before the reply / first chunk")
+    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
+    p.add_argument("--chunks", type=int, default=None, help='content chunks of "tok " per stream')
+    p.add_argument("--api-key", default=None, help="require this bearer key")
+    p.add_argument("--openrouter-comments", action="store_true")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    state = FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay,
+                      stream_chunks=args.chunks, openrouter_comments=args.openrouter_comments,
+                      record=False)
+    _, port, _ = await start(state, args.port, args.host)
+    print(port, flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv=None) -> None:
+    try:
+        asyncio.run(serve(parse_args(argv)))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def version():
+    for line in (HERE / "tornado_proxy" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("no __version__")
+
+
+setup(
+    name="tornado-proxy",
+    version=version(),
+    description="An OpenAI-compatible LLM gateway on Tornado, drop-in for the LiteLLM proxy config",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tornado_proxy", "tornado_proxy.*"]),
+    package_data={"tornado_proxy": ["default_routes.yaml"]},
+    data_files=[
+        ("share/tornado-proxy/schemas", [str(p.relative_to(HERE)) for p in sorted((HERE / "schemas").glob("*.json"))]),
+        ("share/tornado-proxy/sql", [str(p.relative_to(HERE)) for p in sorted((HERE / "sql").glob("*.sql"))]),
+    ],
+    install_requires=[
+        "tornado>=6.4,<7",
+        "pycurl>=7.45.3",
+        "aiopg>=1.4",
+        "psycopg2-binary>=2.9.9",
+        "PyYAML>=6.0.1",
+        "jsonschema>=4.21",
+        "click>=8.1",
+        "orjson>=3.10",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-asyncio>=0.24",
+            "pytest-timeout>=2.3",
+            "openai>=1.40",
+        ],
+    },
+    entry_points={"console_scripts": ["proxyctl=tornado_proxy.cli:main"]},
+)

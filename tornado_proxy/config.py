@@ -1,0 +1,285 @@
+"""Load routes.yaml / a LiteLLM ``config.yaml`` into frozen dataclasses.
+
+The file is validated against ``schemas/config.json`` first; every string of the form
+``os.environ/NAME`` is then read from the environment (``environment_variables`` from the file
+overlaid on the process environment). Settings come from one table, :data:`SETTINGS`, which is
+also what the README's configuration reference is written from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "os.environ/"
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_ROUTES_FILE = PACKAGE_DIR / "default_routes.yaml"
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+AUTH_LEVELS = ("none", "key", "master")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the file and the path inside it."""
+
+
+class Secret:
+    """A value that never prints: ``repr``/``str`` give ``***``; use ``reveal()``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str            # attribute on Settings, and the key in its section
+    section: str | None  # "general_settings", "router_settings" or None (environment/CLI only)
+    env: str | None
+    default: Any
+    kind: type
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("master_key", "general_settings", "LITELLM_MASTER_KEY", None, str,
+            "Admin key clients send as `Authorization: Bearer ...`. Unset: no auth (a loud warning).", True),
+    Setting("database_url", "general_settings", "DATABASE_URL", None, str,
+            "PostgreSQL DSN for the model registry.", True),
+    Setting("store_model_in_db", "general_settings", "STORE_MODEL_IN_DB", False, bool,
+            "Sync YAML models into PostgreSQL and serve models added through the API."),
+    Setting("max_request_size_mb", "general_settings", None, 16.0, float,
+            "Largest request body accepted; bigger ones get 413."),
+    Setting("upstream_max_connections", "general_settings", None, 1000, int,
+            "Concurrent upstream transfers per worker (the pycurl handle pool)."),
+    Setting("upstream_connect_timeout", "general_settings", None, 10.0, float,
+            "Seconds to establish an upstream connection."),
+    Setting("graceful_shutdown_timeout", "general_settings", None, 30.0, float,
+            "Seconds in-flight requests and streams get to finish after SIGTERM."),
+    Setting("num_workers", None, "NUM_WORKERS", 8, int,
+            "Worker processes sharing the port (`--num-workers`)."),
+    Setting("log_level", None, "LITELLM_LOG", "INFO", str,
+            "DEBUG, INFO, WARNING or ERROR (`--log-level`)."),
+    Setting("timeout", "router_settings", None, 600.0, float,
+            "Default upstream timeout in seconds when a deployment sets none."),
+    Setting("stream_timeout", "router_settings", None, None, float,
+            "Default seconds to the first streamed byte when a deployment sets none."),
+)
+KNOWN_SECTIONS = ("routes", "model_list", "general_settings", "router_settings",
+                  "litellm_settings", "environment_variables")
+
+
+@dataclass(frozen=True)
+class Settings:
+    master_key: Secret | None = None
+    database_url: Secret | None = None
+    store_model_in_db: bool = False
+    max_request_size_mb: float = 16.0
+    upstream_max_connections: int = 1000
+    upstream_connect_timeout: float = 10.0
+    graceful_shutdown_timeout: float = 30.0
+    num_workers: int = 8
+    log_level: str = "INFO"
+    timeout: float = 600.0
+    stream_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    path: str
+    aliases: tuple[str, ...]
+    methods: frozenset[str]
+    handler: str
+    schema: str | None
+    auth: str  # "none" | "key" | "master"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``model_list`` entry, environment references resolved."""
+
+    model_name: str
+    litellm_params: Mapping[str, Any]
+    model_info: Mapping[str, Any]
+    where: str  # "model_list[3]", for messages
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    routes: tuple[RouteSpec, ...]
+    models: tuple[ModelSpec, ...]
+    settings: Settings
+    environ: Mapping[str, str]
+    general_settings: Mapping[str, Any] = field(default_factory=dict)
+    router_settings: Mapping[str, Any] = field(default_factory=dict)
+    litellm_settings: Mapping[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+
+
+def resource_dir(name: str) -> Path:
+    """``schemas`` or ``sql``: beside the package in a checkout, or under ``share/`` installed."""
+    for candidate in (PACKAGE_DIR.parent / name, Path(sys.prefix) / "share" / "tornado-proxy" / name):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"cannot find the {name}/ folder next to {PACKAGE_DIR}")
+
+
+def read_yaml(path: str | Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def format_path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def validate_document(doc: Any, path: str) -> None:
+    """Check the raw document against ``schemas/config.json``; raise naming the bad key."""
+    import jsonschema  # local: only start-up and `proxyctl check` validate files
+
+    schema = yaml.safe_load((resource_dir("schemas") / "config.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return
+    first = errors[0]
+    parts = list(first.absolute_path)
+    if first.validator == "required" and isinstance(first.instance, dict):
+        missing = [k for k in first.validator_value if k not in first.instance]
+        parts += missing[:1]
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    raise ConfigError(f"{path}: {format_path(parts)}: {first.message}{more}")
+
+
+def resolve_env(value: Any, environ: Mapping[str, str], missing: list[str]) -> Any:
+    """Replace every ``os.environ/NAME`` string (at any depth) with the variable's value."""
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        name = value[len(ENV_PREFIX):]
+        if name not in environ:
+            missing.append(name)
+        return environ.get(name)
+    if isinstance(value, dict):
+        return {k: resolve_env(v, environ, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(v, environ, missing) for v in value]
+    return value
+
+
+def coerce(setting: Setting, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    if setting.kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    try:
+        converted = setting.kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {setting.kind.__name__}, got {value!r}") from None
+    return Secret(converted) if setting.secret else converted
+
+
+def build_settings(sections: Mapping[str, Mapping[str, Any]], environ: Mapping[str, str],
+                   path: str) -> Settings:
+    values = {}
+    for s in SETTINGS:
+        section = sections.get(s.section) or {} if s.section else {}
+        raw = section.get(s.name) if s.section else None
+        where = f"{path}: {s.section}.{s.name}" if s.section else f"environment {s.env}"
+        if raw is None and s.env and environ.get(s.env) not in (None, ""):
+            raw, where = environ[s.env], f"environment {s.env}"
+        if raw is not None:
+            values[s.name] = coerce(s, raw, where)
+    return Settings(**values)
+
+
+def parse_routes(raw_routes: list[dict]) -> tuple[RouteSpec, ...]:
+    return tuple(
+        RouteSpec(path=r["path"], aliases=tuple(r.get("aliases") or ()),
+                  methods=frozenset(m.upper() for m in r.get("methods") or ("POST",)),
+                  handler=r["handler"], schema=r.get("schema"), auth=r.get("auth", "key"))
+        for r in raw_routes)
+
+
+def load_default_routes() -> tuple[RouteSpec, ...]:
+    doc = read_yaml(DEFAULT_ROUTES_FILE)
+    validate_document(doc, str(DEFAULT_ROUTES_FILE))
+    return parse_routes(doc["routes"])
+
+
+def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
+    known = {s.name for s in SETTINGS if s.section == "general_settings"}
+    used_router = {s.name for s in SETTINGS if s.section == "router_settings"} | {"routing_strategy"}
+    out = [k for k in doc if k not in KNOWN_SECTIONS]
+    out += [f"general_settings.{k}" for k in (doc.get("general_settings") or {}) if k not in known]
+    out += [f"router_settings.{k}" for k in (doc.get("router_settings") or {}) if k not in used_router]
+    out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {})]
+    return tuple(out)
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and resolve a config file. Pure apart from reading the file."""
+    path = str(path)
+    doc = read_yaml(path)
+    if doc is None:
+        doc = {}
+    validate_document(doc, path)
+    base_env = dict(os.environ if environ is None else environ)
+    overlay = {k: str(v) for k, v in (doc.get("environment_variables") or {}).items() if v is not None}
+    env = {**base_env, **overlay}
+    missing: list[str] = []
+    resolved = resolve_env({k: v for k, v in doc.items() if k != "routes"}, env, missing)
+    for name in sorted(set(missing)):
+        log.warning("%s: os.environ/%s is not set; the value is treated as empty", path, name)
+    routes = parse_routes(doc["routes"]) if doc.get("routes") else load_default_routes()
+    models = tuple(
+        ModelSpec(model_name=m["model_name"], litellm_params=dict(m.get("litellm_params") or {}),
+                  model_info=dict(m.get("model_info") or {}), where=f"model_list[{i}]")
+        for i, m in enumerate(resolved.get("model_list") or ()))
+    return Config(
+        path=path, routes=routes, models=models,
+        settings=build_settings(resolved, env, path), environ=env,
+        general_settings=resolved.get("general_settings") or {},
+        router_settings=resolved.get("router_settings") or {},
+        litellm_settings=resolved.get("litellm_settings") or {},
+        ignored=ignored_keys(doc))

@@ -1,0 +1,333 @@
+"""``BaseHandler`` (call id, auth, body limits, JSON + schema, OpenAI-shaped errors, the
+scrubbed access log) and the LLM endpoint handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+import tornado.web
+
+from .auth import authenticate, authorize
+from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
+                     RequestTooLargeError)
+from .providers import PROVIDERS
+from .providers.base import Deployment, Provider, StreamState, UpstreamReply
+from .sse import SseParser
+from .upstream import Transfer
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("tornado_proxy.access")
+
+ALL_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+MAX_PENDING_STREAM_BYTES = 8 * 1024 * 1024  # a client this far behind is dropped, upstream aborted
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass
+class CallContext:
+    """What one request learned, for headers, the access log and metrics."""
+
+    call_id: str
+    started: float
+    model_group: str = ""
+    deployment: Deployment | None = None
+    upstream_s: float = 0.0
+    usage: dict | None = None
+    stream: bool = False
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    SUPPORTED_METHODS = ALL_METHODS
+
+    def initialize(self, gw, route=None) -> None:
+        self.gw = gw
+        self.route = route
+        if route is not None:
+            self.SUPPORTED_METHODS = tuple(route.methods)
+        self.ctx = CallContext(call_id=str(uuid.uuid4()), started=time.perf_counter())
+        self.principal = None
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._body_too_large = False
+        self._in_flight = False
+        self.set_default_headers()
+
+    def set_default_headers(self) -> None:
+        ctx = getattr(self, "ctx", None)  # Tornado calls this before initialize() too
+        if ctx is not None:
+            self.set_header("x-litellm-call-id", ctx.call_id)
+
+    async def prepare(self) -> None:
+        self.gw.begin()
+        self._in_flight = True
+        if self.route is None:
+            raise NotFoundError(f"Route not found: {self.request.method} {self.request.path}")
+        self.principal = authenticate(self.request.headers, self.route.auth, self.gw.settings.master_key)
+        authorize(self.principal, self.route.auth)
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            self._body_too_large = True
+            if int(length) > 4 * self.max_body_bytes:
+                raise self.too_large()  # not worth reading: answer now, the connection closes
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.gw.settings.max_request_size_mb * 1024 * 1024)
+
+    def too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"Request body is too large: the limit is {self.gw.settings.max_request_size_mb:g} MB "
+            "(general_settings.max_request_size_mb).", param="request_body")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self.max_body_bytes:
+            self._body_too_large = True
+            self._body_parts = []
+        elif not self._body_too_large:
+            self._body_parts.append(chunk)
+
+    def json_body(self) -> dict:
+        """The request body: size-checked, decoded and validated against the route's schema."""
+        if self._body_too_large:
+            raise self.too_large()
+        raw = b"".join(self._body_parts) if self._body_parts else self.request.body
+        if not raw or not raw.strip():
+            raise InvalidRequestError("Request body is empty; send a JSON object.", param="request_body")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequestError("Request body is not valid UTF-8.", param="request_body") from None
+            raise InvalidRequestError(f"Request body is not valid JSON: {exc}", param="request_body") from None
+        if not isinstance(body, dict):
+            kind = "an array" if isinstance(body, list) else "a scalar"
+            raise InvalidRequestError(f"Request body must be a JSON object, got {kind}.", param="request_body")
+        model_in_path = self.path_kwargs.get("model")
+        if model_in_path:
+            body["model"] = model_in_path
+        if self.route.schema:
+            self.gw.schemas.validate(self.route.schema, body)
+        return body
+
+    def write_json(self, obj, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(obj))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProxyError):
+            error = exc
+        elif status_code == 405:
+            error = MethodNotAllowedError(f"Method {self.request.method} is not allowed on {self.request.path}.")
+            self.set_header("Allow", ", ".join(sorted(self.SUPPORTED_METHODS)))
+        elif status_code == 404:
+            error = NotFoundError(f"Route not found: {self.request.method} {self.request.path}")
+        elif status_code < 500:
+            error = ProxyError(self._reason, status=status_code, type="invalid_request_error")
+        else:
+            error = ProxyError("Internal server error; the gateway logged the details.", status=status_code)
+        self.set_status(error.status)
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(error.to_body()))
+
+    def log_exception(self, typ, value, tb) -> None:
+        # Tornado's default logs repr(self.request), headers and all: that would leak keys.
+        if isinstance(value, (ProxyError, tornado.web.HTTPError)):
+            return
+        log.error("call %s: unhandled %s on %s %s", self.ctx.call_id, typ.__name__, self.request.method,
+                  self.request.path, exc_info=(typ, value, tb))
+
+    def on_finish(self) -> None:
+        elapsed = time.perf_counter() - self.ctx.started
+        status = self.get_status()
+        transfer = getattr(self, "transfer", None)
+        if transfer is not None and transfer.abort_reason == "client":
+            status = 499  # the client went away first (nginx's code for it)
+        route = self.route.path if self.route else "(unmatched)"
+        self.gw.record(route, self.ctx, status, elapsed, began=self._in_flight)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(self.log_line(route, status, elapsed))
+
+    def log_line(self, route: str, status: int, elapsed: float) -> str:
+        """One JSON line per request: no query string, no headers, no bodies."""
+        d, usage = self.ctx.deployment, self.ctx.usage or {}
+        return orjson.dumps({
+            "call_id": self.ctx.call_id, "method": self.request.method, "route": route,
+            "path": self.request.path, "status": status, "model_group": self.ctx.model_group or None,
+            "deployment_id": d.id if d else None, "provider": d.provider if d else None,
+            "total_ms": round(elapsed * 1000, 3), "upstream_ms": round(self.ctx.upstream_s * 1000, 3),
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "stream": self.ctx.stream, "remote_ip": self.request.remote_ip}).decode()
+
+
+class NotFoundHandler(BaseHandler):
+    """Every path no route matches: an OpenAI-style 404."""
+
+
+class LLMHandler(BaseHandler):
+    endpoint = "chat"
+    streams = True
+
+    async def post(self, **_path) -> None:
+        body = self.json_body()
+        self.ctx.model_group = body["model"]
+        d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
+        self.ctx.deployment = d
+        if d.problem:
+            raise InvalidRequestError(d.problem, param="model")
+        provider = PROVIDERS[d.provider]
+        if "mock_response" in body or d.mock_response is not None:
+            provider = PROVIDERS["mock"]
+        self.ctx.stream = self.streams and bool(body.get("stream"))
+        self.set_model_headers(d)
+        if provider.local:
+            self.answer_locally(provider, d, body)
+        elif self.ctx.stream:
+            await self.relay_stream(provider, d, body)
+        else:
+            await self.relay(provider, d, body)
+
+    def set_model_headers(self, d: Deployment) -> None:
+        self.set_header("x-litellm-model-id", d.id)
+        self.set_header("x-litellm-model-group", self.ctx.model_group)
+        self.set_header("x-litellm-model-api-base", d.api_base or "")
+
+    def set_duration_headers(self) -> None:
+        total_ms = (time.perf_counter() - self.ctx.started) * 1000
+        self.set_header("x-litellm-response-duration-ms", f"{total_ms:.3f}")
+        self.set_header("x-litellm-overhead-duration-ms", f"{max(total_ms - self.ctx.upstream_s * 1000, 0):.3f}")
+
+    def timeouts(self, d: Deployment) -> tuple[float, float | None]:
+        settings = self.gw.settings
+        timeout = d.timeout or settings.timeout
+        return timeout, (d.stream_timeout or settings.stream_timeout or timeout)
+
+    def answer_locally(self, provider: Provider, d: Deployment, body: dict) -> None:
+        if not self.ctx.stream:
+            reply = provider.respond(d, self.endpoint, body)
+            self.ctx.usage = reply.usage
+            self.set_duration_headers()
+            self.set_header("Content-Type", "application/json")
+            self.finish(reply.body)
+            return
+        chunks, usage = provider.stream(d, self.endpoint, body)
+        self.ctx.usage = usage
+        self.start_event_stream()
+        self.write(b"".join(b"data: " + c + b"\n\n" for c in chunks) + DONE_EVENT)
+        self.finish()
+
+    async def relay(self, provider: Provider, d: Deployment, body: dict) -> None:
+        request = provider.build_request(d, self.endpoint, body, stream=False)
+        started = time.perf_counter()
+        reply = await self.gw.upstream.fetch(request, self.timeouts(d)[0])
+        self.ctx.upstream_s = time.perf_counter() - started
+        if not 200 <= reply.status < 300:
+            raise provider.parse_error(reply, d)
+        response = provider.parse_response(self.endpoint, reply)
+        self.ctx.usage = response.usage
+        self.set_duration_headers()
+        self.set_header("Content-Type", "application/json")
+        self.finish(response.body)
+
+    def start_event_stream(self) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.set_duration_headers()
+
+    async def relay_stream(self, provider: Provider, d: Deployment, body: dict) -> None:
+        request = provider.build_request(d, self.endpoint, body, stream=True)
+        timeout, first_byte_timeout = self.timeouts(d)
+        state, parser = StreamState(), SseParser()
+        transfer = self.transfer = Transfer()
+        pending = [0]
+
+        def on_head(t: Transfer) -> None:
+            if t.ok:
+                self.ctx.upstream_s = t.first_byte_at - t.started
+                self.start_event_stream()
+                self.send(b"")
+
+        def on_chunk(chunk: bytes) -> None:
+            out = [b"data: " + data + b"\n\n" for event in parser.feed(chunk)
+                   for data in provider.parse_event(self.endpoint, event.data, state)]
+            if out:
+                self.send(b"".join(out))
+
+        def send_done(_future) -> None:
+            pending[0] = 0
+
+        def send(data: bytes) -> None:
+            if self.request.connection.stream.closed():
+                return
+            self.write(data)
+            pending[0] += len(data)
+            if pending[0] > MAX_PENDING_STREAM_BYTES:
+                log.warning("call %s: client is too slow to read the stream; dropping it", self.ctx.call_id)
+                self.gw.upstream.abort(transfer, "client")
+                self.request.connection.stream.close()
+                return
+            self.flush().add_done_callback(send_done)
+
+        self.send = send
+        try:
+            await self.gw.upstream.stream(request, timeout, first_byte_timeout, on_head, on_chunk, transfer)
+        except ProxyError as exc:
+            if not self._headers_written:
+                raise
+            self.end_stream_with_error(exc)
+            return
+        finally:
+            self.ctx.upstream_s = time.perf_counter() - transfer.started
+            self.ctx.usage = state.usage
+        if transfer.abort_reason == "client":
+            return
+        if not transfer.ok:
+            raise provider.parse_error(UpstreamReply(transfer.status or 502, transfer.headers,
+                                                     bytes(transfer.error_body)), d)
+        on_chunk(b"\n\n")  # dispatch an unterminated final event, if any
+        self.send(DONE_EVENT)
+        self.finish()
+
+    def end_stream_with_error(self, exc: ProxyError) -> None:
+        log.warning("call %s: upstream failed mid-stream: %s", self.ctx.call_id, exc.message)
+        self.write(b"data: " + orjson.dumps(exc.to_body()) + b"\n\n")
+        self.finish()
+
+    def on_connection_close(self) -> None:
+        transfer = getattr(self, "transfer", None)
+        if transfer is not None:
+            self.gw.upstream.abort(transfer, "client")
+
+
+@tornado.web.stream_request_body
+class ChatCompletionsHandler(LLMHandler):
+    endpoint = "chat"
+
+
+@tornado.web.stream_request_body
+class CompletionsHandler(LLMHandler):
+    endpoint = "completions"
+
+
+@tornado.web.stream_request_body
+class EmbeddingsHandler(LLMHandler):
+    endpoint = "embeddings"
+    streams = False
+
+
+HANDLERS = {
+    "chat_completions": ChatCompletionsHandler,
+    "completions": CompletionsHandler,
+    "embeddings": EmbeddingsHandler,
+}

@@ -1,0 +1,48 @@
+"""Prometheus metrics (prometheus_client), correct across pre-forked workers through its
+multiprocess mode. Names follow the LiteLLM proxy's so existing dashboards keep working."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0, 300.0, 600.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Switch prometheus_client to per-process files in ``directory``; call before forking and
+    before any ``Metrics`` is built (the value class is chosen when a metric is created)."""
+    os.environ[MULTIPROC_ENV] = directory
+    values.ValueClass = values.get_value_class()
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("litellm_proxy_total_requests_metric", "Requests by route, model group and status",
+                                ["route", "model", "status"], registry=r)
+        self.latency = Histogram("litellm_request_total_latency_metric", "Total request time in seconds",
+                                 ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_latency = Histogram("litellm_llm_api_latency_metric", "Time spent upstream in seconds",
+                                          ["model", "provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("litellm_in_flight_requests", "Requests being served", registry=r,
+                               multiprocess_mode="livesum")
+        self.input_tokens = Counter("litellm_input_tokens", "Prompt tokens by model group", ["model"], registry=r)
+        self.output_tokens = Counter("litellm_output_tokens", "Completion tokens by model group", ["model"],
+                                     registry=r)
+
+    def render(self) -> bytes:
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,100 @@
+"""The provider adapter interface: pure translation between OpenAI-shaped requests and a
+provider's wire format. Adapters do no I/O; ``upstream.py`` sends what they build."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..config import Secret
+from ..errors import ProxyError
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One ``model_list`` entry, ready to call."""
+
+    id: str
+    model_name: str
+    provider: str
+    model: str                       # the provider's model id (prefix stripped)
+    api_base: str | None = None
+    api_key: Secret | None = None
+    api_version: str | None = None
+    weight: float = 1.0
+    rpm: int | None = None
+    tpm: int | None = None
+    order: int | None = None
+    timeout: float | None = None
+    stream_timeout: float | None = None
+    mock_response: Any = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)      # request params the config sets
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    public_params: Mapping[str, Any] = field(default_factory=dict)  # litellm_params minus secrets
+    model_info: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "yaml"
+    problem: str | None = None       # why it cannot be served (unsupported provider, no api_base)
+
+
+@dataclass(frozen=True)
+class ProviderDefaults:
+    api_base: str | None = None
+    api_key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    url: str
+    method: str
+    headers: Mapping[str, str]
+    body: bytes | None
+
+
+@dataclass
+class UpstreamReply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass
+class ProviderResponse:
+    """A translated, OpenAI-shaped reply: the bytes to send, and the usage they carry."""
+
+    body: bytes
+    usage: dict | None = None
+
+
+@dataclass
+class StreamState:
+    """What a provider remembers across the events of one stream."""
+
+    usage: dict | None = None
+    done: bool = False
+    chunks: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Provider:
+    """Base adapter. Subclasses override the translation steps they need."""
+
+    name = "base"
+    local = False  # True: answered in-process, nothing goes upstream
+
+    def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
+        """What a deployment of this provider uses when its config gives nothing."""
+        return ProviderDefaults()
+
+    def build_request(self, d: Deployment, endpoint: str, body: dict, stream: bool) -> UpstreamRequest:
+        raise NotImplementedError
+
+    def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
+        raise NotImplementedError
+
+    def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
+        """One SSE ``data:`` payload from upstream -> the ``data:`` payloads to send on."""
+        raise NotImplementedError
+
+    def parse_error(self, reply: UpstreamReply, d: Deployment) -> ProxyError:
+        raise NotImplementedError

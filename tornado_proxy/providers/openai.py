@@ -1,0 +1,143 @@
+"""OpenAI and every OpenAI-compatible server (OpenRouter, vLLM, Groq, DeepSeek, Together,
+Mistral, ...). The differences between them are data: default base URL, key variable, extra
+headers and parameter renames."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import orjson
+
+from ..errors import ProxyError, UpstreamError, upstream_error
+from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
+                   UpstreamReply, UpstreamRequest)
+
+ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+# Fields LiteLLM reads for itself; they are never sent to a provider.
+PROXY_ONLY_FIELDS = ("mock_response", "api_key", "api_base", "caching", "fallbacks", "num_retries",
+                     "context_window_fallbacks", "litellm_metadata", "guardrails", "tags")
+MAX_ERROR_MESSAGE = 2000
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+    default_base: str | None = "https://api.openai.com/v1"
+    key_envs: tuple[str, ...] = ("OPENAI_API_KEY",)
+    base_envs: tuple[str, ...] = ("OPENAI_API_BASE", "OPENAI_BASE_URL")
+    renames: Mapping[str, str] = {}
+
+    def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
+        base = next((environ[e] for e in self.base_envs if environ.get(e)), self.default_base)
+        key = next((environ[e] for e in self.key_envs if environ.get(e)), None)
+        return ProviderDefaults(api_base=base, api_key=key, headers=self.headers(environ))
+
+    def headers(self, environ: Mapping[str, str]) -> dict[str, str]:
+        return {}
+
+    def url(self, d: Deployment, endpoint: str) -> str:
+        return (d.api_base or "").rstrip("/") + ENDPOINT_PATHS[endpoint]
+
+    def build_request(self, d: Deployment, endpoint: str, body: dict, stream: bool) -> UpstreamRequest:
+        out = {**d.defaults, **body} if d.defaults else dict(body)
+        for name in PROXY_ONLY_FIELDS:
+            out.pop(name, None)
+        for old, new in self.renames.items():
+            if old in out:
+                out[new] = out.pop(old)
+        out["model"] = d.model
+        headers = {"Content-Type": "application/json", **d.extra_headers}
+        if d.api_key:
+            headers["Authorization"] = "Bearer " + d.api_key.reveal()
+        return UpstreamRequest(self.url(d, endpoint), "POST", headers, orjson.dumps(out))
+
+    def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
+        try:
+            parsed = orjson.loads(reply.body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("The provider returned a response that is not JSON.", status=502) from None
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        return ProviderResponse(reply.body, usage if isinstance(usage, dict) else None)
+
+    def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
+        if data == b"[DONE]":
+            state.done = True
+            return []
+        state.chunks += 1
+        if b'"usage"' in data and b'"usage":null' not in data:
+            try:
+                usage = orjson.loads(data).get("usage")
+            except (orjson.JSONDecodeError, AttributeError):
+                usage = None
+            if isinstance(usage, dict):
+                state.usage = usage
+        return [data]
+
+    def parse_error(self, reply: UpstreamReply, d: Deployment) -> ProxyError:
+        message, param = error_message(reply.body), None
+        try:
+            parsed = orjson.loads(reply.body)
+            err = parsed.get("error") if isinstance(parsed, dict) else None
+            if isinstance(err, dict):
+                param = err.get("param") if isinstance(err.get("param"), str) else None
+        except orjson.JSONDecodeError:
+            pass
+        if d.api_key and d.api_key.reveal():
+            message = message.replace(d.api_key.reveal(), "***")
+        headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
+        return upstream_error(reply.status, f"{self.label(d)}: {message}", param=param, headers=headers)
+
+    def label(self, d: Deployment) -> str:
+        return f"{self.name.capitalize()}Exception - {d.provider}/{d.model}"
+
+
+def error_message(body: bytes) -> str:
+    """The human part of a provider's error body, whatever shape it came in."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:MAX_ERROR_MESSAGE] or "(empty response body)"
+    err = parsed.get("error", parsed) if isinstance(parsed, dict) else parsed
+    if isinstance(err, dict):
+        err = err.get("message") or err.get("detail") or err
+    text = err if isinstance(err, str) else orjson.dumps(err).decode()
+    return text[:MAX_ERROR_MESSAGE]
+
+
+class OpenRouterProvider(OpenAIProvider):
+    name = "openrouter"
+    default_base = "https://openrouter.ai/api/v1"
+    key_envs = ("OPENROUTER_API_KEY", "OR_API_KEY")
+    base_envs = ("OPENROUTER_API_BASE",)
+
+    def headers(self, environ: Mapping[str, str]) -> dict[str, str]:
+        return {"HTTP-Referer": environ.get("OR_SITE_URL") or "https://litellm.ai",
+                "X-Title": environ.get("OR_APP_NAME") or "liteLLM"}
+
+
+def compatible(name: str, base: str | None, key_envs: tuple[str, ...], base_envs: tuple[str, ...] = (),
+               renames: Mapping[str, str] | None = None) -> type[OpenAIProvider]:
+    """An OpenAI-compatible provider that differs only in data."""
+    return type(f"{name.title().replace('_', '')}Provider", (OpenAIProvider,), {
+        "name": name, "default_base": base, "key_envs": key_envs, "base_envs": base_envs,
+        "renames": renames or {}})
+
+
+COMPATIBLE = {
+    "hosted_vllm": compatible("hosted_vllm", None, ("HOSTED_VLLM_API_KEY",), ("HOSTED_VLLM_API_BASE",)),
+    "openai_like": compatible("openai_like", None, ("OPENAI_LIKE_API_KEY",), ("OPENAI_LIKE_API_BASE",)),
+    "groq": compatible("groq", "https://api.groq.com/openai/v1", ("GROQ_API_KEY",), ("GROQ_API_BASE",)),
+    "deepseek": compatible("deepseek", "https://api.deepseek.com/v1", ("DEEPSEEK_API_KEY",),
+                           ("DEEPSEEK_API_BASE",)),
+    "together_ai": compatible("together_ai", "https://api.together.xyz/v1",
+                              ("TOGETHERAI_API_KEY", "TOGETHER_AI_API_KEY", "TOGETHER_API_KEY"),
+                              ("TOGETHERAI_API_BASE",)),
+    "mistral": compatible("mistral", "https://api.mistral.ai/v1", ("MISTRAL_API_KEY",), ("MISTRAL_API_BASE",),
+                          renames={"seed": "random_seed"}),
+    "fireworks_ai": compatible("fireworks_ai", "https://api.fireworks.ai/inference/v1",
+                               ("FIREWORKS_AI_API_KEY", "FIREWORKS_API_KEY"), ("FIREWORKS_AI_API_BASE",)),
+    "xai": compatible("xai", "https://api.x.ai/v1", ("XAI_API_KEY",), ("XAI_API_BASE",)),
+    "perplexity": compatible("perplexity", "https://api.perplexity.ai", ("PERPLEXITYAI_API_KEY",
+                                                                           "PERPLEXITY_API_KEY")),
+    "deepinfra": compatible("deepinfra", "https://api.deepinfra.com/v1/openai", ("DEEPINFRA_API_KEY",)),
+}

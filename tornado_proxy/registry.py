@@ -1,0 +1,135 @@
+"""The in-memory model registry: model groups, wildcards (``openai/*``), aliases and
+deployment ids, built from ``model_list`` entries. Immutable; a reload builds a new one with
+the next generation number and swaps it in whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import orjson
+
+from .config import ConfigError, ModelSpec, Secret
+from .errors import InvalidRequestError
+from .providers import KNOWN_ELSEWHERE, PROVIDERS, split_model
+from .providers.base import Deployment, ProviderDefaults
+
+log = logging.getLogger(__name__)
+
+SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+# litellm_params that are request defaults (the client's own value wins).
+DEFAULT_REQUEST_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "frequency_penalty",
+                          "presence_penalty", "stop", "seed", "response_format", "reasoning_effort", "user")
+NEEDS_API_BASE = ("hosted_vllm", "openai_like")
+
+
+def number(params: Mapping[str, Any], name: str, kind: type, where: str):
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}.litellm_params.{name}: expected a number, got {value!r}") from None
+
+
+def derive_id(spec: ModelSpec) -> str:
+    """A stable id for a deployment the config gives none: same entry, same id, every worker."""
+    canonical = orjson.dumps({"model_name": spec.model_name, "litellm_params": spec.litellm_params},
+                             option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = "yaml") -> Deployment:
+    params = spec.litellm_params
+    provider_name, model = split_model(str(params["model"]), params.get("custom_llm_provider"))
+    provider = PROVIDERS.get(provider_name)
+    defaults = provider.defaults(environ) if provider else ProviderDefaults()
+    api_base = params.get("api_base") or defaults.api_base
+    api_key = params.get("api_key") or defaults.api_key
+    problem = None
+    if provider is None:
+        later = " (not supported yet)" if provider_name in KNOWN_ELSEWHERE else ""
+        problem = f"Unsupported provider '{provider_name}'{later} for model '{params['model']}'"
+    elif provider_name in NEEDS_API_BASE and not api_base:
+        problem = f"Provider '{provider_name}' needs an api_base for model '{params['model']}'"
+    info = dict(spec.model_info)
+    info["id"] = str(info.get("id") or derive_id(spec))
+    where = spec.where
+    return Deployment(
+        id=info["id"], model_name=spec.model_name, provider=provider_name, model=model,
+        api_base=api_base, api_key=Secret(str(api_key)) if api_key else None,
+        api_version=params.get("api_version"),
+        weight=number(params, "weight", float, where) or 1.0,
+        rpm=number(params, "rpm", int, where), tpm=number(params, "tpm", int, where),
+        order=number(params, "order", int, where),
+        timeout=number(params, "timeout", float, where),
+        stream_timeout=number(params, "stream_timeout", float, where),
+        mock_response=params.get("mock_response"),
+        defaults={k: params[k] for k in DEFAULT_REQUEST_PARAMS if params.get(k) is not None},
+        extra_headers={**defaults.headers, **(params.get("extra_headers") or {})},
+        public_params={k: v for k, v in params.items() if not SECRET_PARAM.search(k)},
+        model_info=info, source=source, problem=problem)
+
+
+@dataclass(frozen=True)
+class Registry:
+    generation: int
+    deployments: tuple[Deployment, ...]
+    groups: Mapping[str, tuple[Deployment, ...]]
+    wildcards: tuple[tuple[str, tuple[Deployment, ...]], ...]
+    aliases: Mapping[str, str]
+    by_id: Mapping[str, Deployment]
+
+    @classmethod
+    def build(cls, deployments: Iterable[Deployment], generation: int = 1,
+              aliases: Mapping[str, Any] | None = None) -> "Registry":
+        deployments = tuple(deployments)
+        groups: dict[str, list[Deployment]] = {}
+        for d in deployments:
+            groups.setdefault(d.model_name, []).append(d)
+        plain = {name: tuple(ds) for name, ds in groups.items() if "*" not in name}
+        wild = tuple(sorted(((name, tuple(ds)) for name, ds in groups.items() if "*" in name),
+                            key=lambda item: -len(item[0])))  # most specific pattern first
+        alias_map = {}
+        for alias, target in (aliases or {}).items():
+            # LiteLLM allows {"alias": "group"} or {"alias": {"model": "group", "hidden": true}}
+            alias_map[alias] = target.get("model") if isinstance(target, dict) else target
+        return cls(generation=generation, deployments=deployments, groups=plain, wildcards=wild,
+                   aliases=alias_map, by_id={d.id: d for d in deployments})
+
+    def resolve(self, model: str) -> tuple[Deployment, ...]:
+        """The deployments serving ``model``; an unknown model is a 400 naming it (as LiteLLM)."""
+        name = self.aliases.get(model, model)
+        found = self.groups.get(name)
+        if found:
+            return found
+        for pattern, deployments in self.wildcards:
+            if fnmatch.fnmatchcase(name, pattern):
+                return tuple(expand_wildcard(d, pattern, name) for d in deployments)
+        raise InvalidRequestError(
+            f"Invalid model name passed in model={model}. Call `/v1/models` to view available models for "
+            "your key.", param="model")
+
+    def model_names(self) -> list[str]:
+        return list(self.groups) + [p for p, _ in self.wildcards] + list(self.aliases)
+
+    def problems(self) -> list[str]:
+        return [f"model_name '{d.model_name}': {d.problem}" for d in self.deployments if d.problem]
+
+
+def expand_wildcard(d: Deployment, pattern: str, name: str) -> Deployment:
+    """``openai/*`` serving ``openai/gpt-4o``: the matched part replaces ``*`` in the model."""
+    prefix = pattern.split("*", 1)[0]
+    matched = name[len(prefix):] if name.startswith(prefix) else name
+    return dataclasses.replace(d, model=d.model.replace("*", matched) if "*" in d.model else d.model)
+
+
+def build_registry(specs: Iterable[ModelSpec], environ: Mapping[str, str], generation: int = 1,
+                   aliases: Mapping[str, Any] | None = None) -> Registry:
+    return Registry.build((build_deployment(s, environ) for s in specs), generation, aliases)

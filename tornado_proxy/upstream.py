@@ -1,0 +1,154 @@
+"""All outbound HTTP: one pycurl-backed ``CurlAsyncHTTPClient`` per worker (keep-alive pool
+of ``max_clients`` handles), buffered fetches and real streaming.
+
+Aborting a transfer (the client went away, or no first byte within ``stream_timeout``) uses
+the client's own completion path (``_finish``) so the handle goes back to the pool and libcurl
+closes the connection at once; ``tests/test_upstream.py`` proves the upstream sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pycurl
+from tornado import httputil
+from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
+from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.ioloop import IOLoop
+
+from .errors import UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
+from .providers.base import UpstreamReply, UpstreamRequest
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ERRORS = (pycurl.E_OPERATION_TIMEDOUT,)
+CONNECT_ERRORS = (pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY,
+                  pycurl.E_SSL_CONNECT_ERROR, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR)
+ABORTED = pycurl.E_ABORTED_BY_CALLBACK
+
+
+class AbortableCurlClient(CurlAsyncHTTPClient):
+    """``CurlAsyncHTTPClient`` plus ``abort(request)``, which the stock client lacks."""
+
+    def abort(self, request: HTTPRequest, message: str) -> bool:
+        for curl in self._curls:
+            info = getattr(curl, "info", None)
+            if info is not None and info["request"] is request:
+                self._finish(curl, ABORTED, message)
+                self._process_queue()
+                return True
+        for item in list(self._requests):
+            if item[0] is request:
+                self._requests.remove(item)
+                item[1](HTTPResponse(request=request, code=599, error=CurlError(ABORTED, message)))
+                return True
+        return False
+
+
+@dataclass
+class Transfer:
+    """One streamed upstream call. ``status``/``headers`` are set when the head arrives."""
+
+    request: HTTPRequest | None = None
+    status: int | None = None
+    headers: httputil.HTTPHeaders = field(default_factory=httputil.HTTPHeaders)
+    error_body: bytearray = field(default_factory=bytearray)
+    started: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
+    abort_reason: str | None = None  # "client" | "timeout"
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+class Upstream:
+    def __init__(self, max_clients: int = 1000, connect_timeout: float = 10.0):
+        self.connect_timeout = connect_timeout
+        self._client = AbortableCurlClient(force_instance=True, max_clients=max_clients)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, req: UpstreamRequest, timeout: float, **kwargs) -> HTTPRequest:
+        return HTTPRequest(req.url, method=req.method, headers=dict(req.headers), body=req.body,
+                           connect_timeout=min(self.connect_timeout, timeout), request_timeout=timeout,
+                           decompress_response=True, follow_redirects=False, **kwargs)
+
+    async def fetch(self, req: UpstreamRequest, timeout: float) -> UpstreamReply:
+        """A buffered call. Non-2xx replies are returned; transport failures raise ProxyErrors."""
+        try:
+            response = await self._client.fetch(self._request(req, timeout), raise_error=False)
+        except CurlError as exc:
+            raise transport_error(exc.errno, timeout) from None
+        except HTTPClientError as exc:  # defensive: raise_error=False returns these as responses
+            response = exc.response
+        return UpstreamReply(response.code, response.headers, response.body or b"")
+
+    async def stream(self, req: UpstreamRequest, timeout: float, first_byte_timeout: float | None,
+                     on_head: Callable[[Transfer], None], on_chunk: Callable[[bytes], None],
+                     transfer: Transfer) -> Transfer:
+        """Stream a call: ``on_head`` once the head is in, ``on_chunk`` for each 2xx body chunk.
+
+        A non-2xx body is collected in ``transfer.error_body``. Raises a ProxyError on transport
+        failure (also after bytes have flowed; the caller decides how to report that).
+        """
+
+        def header_line(line: str) -> None:
+            line = line.rstrip("\r\n")
+            if line.startswith("HTTP/"):
+                transfer.status = httputil.parse_response_start_line(line).code
+                transfer.headers = httputil.HTTPHeaders()
+            elif line:
+                transfer.headers.parse_line(line)
+            elif transfer.status is not None and transfer.status >= 200 and transfer.first_byte_at is None:
+                transfer.first_byte_at = time.monotonic()
+                if deadline is not None:
+                    loop.remove_timeout(deadline)
+                on_head(transfer)
+
+        def body_chunk(chunk: bytes) -> None:
+            if transfer.abort_reason:
+                return
+            if transfer.ok:
+                on_chunk(chunk)
+            else:
+                transfer.error_body += chunk[: 65536 - len(transfer.error_body)]
+
+        loop = IOLoop.current()
+        transfer.request = self._request(req, timeout, header_callback=header_line, streaming_callback=body_chunk)
+        deadline = None
+        if first_byte_timeout:
+            deadline = loop.call_later(first_byte_timeout, self.abort, transfer, "timeout")
+        try:
+            await self._client.fetch(transfer.request, raise_error=False)
+        except CurlError as exc:
+            if transfer.abort_reason == "timeout":
+                raise UpstreamTimeoutError(
+                    f"Timeout: no response from the provider within {first_byte_timeout}s", retryable=True) from None
+            if transfer.abort_reason == "client":
+                return transfer
+            raise transport_error(exc.errno, timeout) from None
+        finally:
+            if deadline is not None:
+                loop.remove_timeout(deadline)
+        return transfer
+
+    def abort(self, transfer: Transfer, reason: str) -> None:
+        if transfer.abort_reason is None and transfer.request is not None:
+            transfer.abort_reason = reason
+            self._client.abort(transfer.request, f"aborted: {reason}")
+
+
+def transport_error(errno: int, timeout: float) -> UpstreamError:
+    """A curl failure as the error LiteLLM answers with: 408 for timeouts, 503 otherwise."""
+    if errno in TIMEOUT_ERRORS:
+        return UpstreamTimeoutError(f"Timeout: the provider did not answer within {timeout}s", retryable=True)
+    if errno in CONNECT_ERRORS:
+        return UpstreamConnectionError(f"APIConnectionError: cannot connect to the provider (curl error {errno})",
+                                       retryable=True)
+    return UpstreamConnectionError(f"APIConnectionError: the provider connection failed (curl error {errno})",
+                                   retryable=True)
