@@ -30,15 +30,14 @@ RESTART_WINDOW = 10.0  # seconds; too many deaths in this window means a crash l
 
 
 async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio.Event | None = None,
-                     ready: asyncio.Event | None = None, announce: bool = True) -> None:
+                     ready: asyncio.Event | None = None, announce: bool = True,
+                     handle_signals: bool = True) -> None:
     """One worker: build the gateway, serve on ``sockets`` until ``stop`` (or a signal), drain."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        except (RuntimeError, ValueError):  # not the main thread (tests)
-            pass
     gw = Gateway(config)
     if announce:
         log_startup_warnings(config, gw.registry)
