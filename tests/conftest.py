@@ -4,19 +4,98 @@ builds one, and HTTP helpers. Everything talks over real loopback sockets on one
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
+import uuid
 
 import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.netutil import bind_sockets
 
+import psycopg2
+import psycopg2.extensions
+
 from contrib.fake_providers import openai_compat
 from tornado_proxy import config as config_module
+from tornado_proxy.config import resource_dir
+from tornado_proxy.db import Database
+from tornado_proxy.embedded import EmbeddedPostgres
 from tornado_proxy.server import run_worker
 
 MASTER_KEY = "sk-master-test-0123456789"
 PROVIDER_KEY = "sk-provider-secret-9876543210"
+
+
+LOCAL_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def admin_sql(dsn: str, statement: str) -> None:
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        conn.cursor().execute(statement)
+    finally:
+        conn.close()
+
+
+def server_reachable(dsn: str) -> bool:
+    try:
+        psycopg2.connect(dsn).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A real PostgreSQL: $DATABASE_URL, else the local server, else a throwaway cluster."""
+    cluster = None
+    dsn = os.environ.get("DATABASE_URL")
+    if not dsn:
+        if server_reachable(LOCAL_PG):
+            dsn = LOCAL_PG
+        else:
+            cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+            dsn = cluster.start()
+    yield dsn
+    if cluster is not None:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server):
+    """A migrated template database; each test copies it."""
+    name = f"tp_template_{os.getpid()}"
+    admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name}")
+    admin_sql(pg_server, f"CREATE DATABASE {name}")
+    db = Database(psycopg2.extensions.make_dsn(pg_server, dbname=name))
+
+    async def migrate():
+        await db.migrate(resource_dir("sql"))
+        await db.close()
+
+    asyncio.run(migrate())
+    yield name
+    admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_dsn(pg_server, pg_template):
+    """A fresh, migrated database for one test (dropped afterwards)."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin_sql(pg_server, f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    yield psycopg2.extensions.make_dsn(pg_server, dbname=name)
+    admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def empty_pg_dsn(pg_server):
+    """A fresh database with no tables at all."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin_sql(pg_server, f"CREATE DATABASE {name}")
+    yield psycopg2.extensions.make_dsn(pg_server, dbname=name)
+    admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

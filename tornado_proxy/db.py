@@ -1,0 +1,222 @@
+"""PostgreSQL through aiopg: the pool, the migration runner for ``sql/NNNN_name.sql``, and every
+SQL statement the gateway runs, each a named ``async def``.
+
+Any failure to reach the database is raised as ``DatabaseUnavailable`` so callers can keep
+serving from memory and answer writes with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import aiopg
+import orjson
+import psycopg2
+import psycopg2.errors
+
+log = logging.getLogger(__name__)
+
+LOCK_ID = 0x7470_726F_7879  # pg_advisory_lock key shared by every gateway instance ("tproxy")
+CHANNEL = "proxy_models_changed"
+MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (or timed out)."""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    id: str
+    model_name: str
+    litellm_params: dict
+    model_info: dict
+    source: str  # "yaml" | "api"
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+def migrations(directory: Path) -> list[tuple[str, Path]]:
+    found = sorted((m.group(1), p) for p in directory.glob("*.sql") if (m := MIGRATION_FILE.match(p.name)))
+    versions = [v for v, _ in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"{directory}: two migrations share a number")
+    return found
+
+
+def row_of(record: tuple) -> ModelRow:
+    return ModelRow(id=record[0], model_name=record[1], litellm_params=record[2], model_info=record[3],
+                    source=record[4], created_at=record[5], updated_at=record[6])
+
+
+def jsonb(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+MODEL_COLUMNS = "id, model_name, litellm_params, model_info, source, created_at, updated_at"
+
+
+class Database:
+    def __init__(self, dsn: str, pool_size: int = 10, statement_timeout_ms: int = 5000,
+                 connect_timeout: float = 5.0):
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.statement_timeout_ms = statement_timeout_ms
+        self.connect_timeout = connect_timeout
+        self._pool: aiopg.Pool | None = None
+
+    def connect_kwargs(self) -> dict:
+        return {"timeout": self.connect_timeout, "options": f"-c statement_timeout={self.statement_timeout_ms}"}
+
+    async def open(self) -> None:
+        if self._pool is None:
+            try:
+                self._pool = await aiopg.create_pool(self.dsn, minsize=0, maxsize=self.pool_size,
+                                                     **self.connect_kwargs())
+            except UNREACHABLE as exc:
+                raise DatabaseUnavailable(describe(exc)) from None
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+            await pool.wait_closed()
+
+    @asynccontextmanager
+    async def cursor(self) -> AsyncIterator[aiopg.Cursor]:
+        await self.open()
+        try:
+            async with self._pool.acquire() as conn:
+                async with conn.cursor() as cur:
+                    yield cur
+        except UNREACHABLE as exc:
+            if self._pool is not None:
+                await self._pool.clear()  # drop connections the server has gone away from
+            raise DatabaseUnavailable(describe(exc)) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation
+            # aiopg turns a server-side statement timeout into CancelledError
+            raise DatabaseUnavailable("statement timed out") from None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiopg.Cursor]:
+        async with self.cursor() as cur:
+            async with cur.begin():
+                yield cur
+
+    @asynccontextmanager
+    async def startup_lock(self) -> AsyncIterator[None]:
+        """Held while one instance migrates and syncs; the others wait their turn."""
+        async with self.cursor() as cur:
+            await cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
+            try:
+                yield
+            finally:
+                await cur.execute("SELECT pg_advisory_unlock(%s)", (LOCK_ID,))
+
+    async def ping(self) -> None:
+        async with self.cursor() as cur:
+            await cur.execute("SELECT 1")
+
+    async def migrate(self, directory: Path) -> list[str]:
+        """Apply the migrations not yet recorded, each in its own transaction. Returns them."""
+        applied_now = []
+        async with self.cursor() as cur:
+            await cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                              "version text PRIMARY KEY, name text NOT NULL, "
+                              "applied_at timestamptz NOT NULL DEFAULT now())")
+            await cur.execute("SELECT version FROM schema_migrations")
+            done = {r[0] for r in await cur.fetchall()}
+            for version, path in migrations(directory):
+                if version in done:
+                    continue
+                async with cur.begin():
+                    await cur.execute(path.read_text(encoding="utf-8"))
+                    await cur.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                                      (version, path.name))
+                log.info("applied migration %s", path.name)
+                applied_now.append(path.name)
+        return applied_now
+
+    async def applied_migrations(self) -> list[str]:
+        async with self.cursor() as cur:
+            await cur.execute("SELECT name FROM schema_migrations ORDER BY version")
+            return [r[0] for r in await cur.fetchall()]
+
+    async def fetch_models(self) -> list[ModelRow]:
+        async with self.cursor() as cur:
+            await cur.execute(f"SELECT {MODEL_COLUMNS} FROM proxy_models ORDER BY created_at, id")
+            return [row_of(r) for r in await cur.fetchall()]
+
+    async def fetch_model(self, model_id: str) -> ModelRow | None:
+        async with self.cursor() as cur:
+            await cur.execute(f"SELECT {MODEL_COLUMNS} FROM proxy_models WHERE id = %s", (model_id,))
+            record = await cur.fetchone()
+            return row_of(record) if record else None
+
+    async def insert_model(self, row: ModelRow) -> ModelRow | None:
+        """None when the id is taken."""
+        async with self.cursor() as cur:
+            await cur.execute(
+                "INSERT INTO proxy_models (id, model_name, litellm_params, model_info, source) "
+                f"VALUES (%s, %s, %s::jsonb, %s::jsonb, %s) ON CONFLICT (id) DO NOTHING RETURNING {MODEL_COLUMNS}",
+                (row.id, row.model_name, jsonb(row.litellm_params), jsonb(row.model_info), row.source))
+            record = await cur.fetchone()
+            return row_of(record) if record else None
+
+    async def update_model(self, row: ModelRow) -> ModelRow | None:
+        """None when there is no such id."""
+        async with self.cursor() as cur:
+            await cur.execute(
+                "UPDATE proxy_models SET model_name = %s, litellm_params = %s::jsonb, model_info = %s::jsonb, "
+                f"updated_at = now() WHERE id = %s RETURNING {MODEL_COLUMNS}",
+                (row.model_name, jsonb(row.litellm_params), jsonb(row.model_info), row.id))
+            record = await cur.fetchone()
+            return row_of(record) if record else None
+
+    async def delete_model(self, model_id: str) -> bool:
+        async with self.cursor() as cur:
+            await cur.execute("DELETE FROM proxy_models WHERE id = %s", (model_id,))
+            return cur.rowcount > 0
+
+    async def apply_sync(self, upserts: Iterable[ModelRow], deletes: Iterable[str]) -> None:
+        """One transaction: insert or replace the YAML rows, delete the YAML rows gone from the file."""
+        async with self.transaction() as cur:
+            for row in upserts:
+                await cur.execute(
+                    "INSERT INTO proxy_models (id, model_name, litellm_params, model_info, source) "
+                    "VALUES (%s, %s, %s::jsonb, %s::jsonb, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "model_name = EXCLUDED.model_name, litellm_params = EXCLUDED.litellm_params, "
+                    "model_info = EXCLUDED.model_info, source = EXCLUDED.source, updated_at = now()",
+                    (row.id, row.model_name, jsonb(row.litellm_params), jsonb(row.model_info), row.source))
+            ids = list(deletes)
+            if ids:
+                await cur.execute("DELETE FROM proxy_models WHERE source = 'yaml' AND id = ANY(%s)", (ids,))
+
+    async def listen(self) -> aiopg.Connection:
+        """A dedicated connection LISTENing on the change channel (``conn.notifies`` is a queue)."""
+        try:
+            conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
+            async with conn.cursor() as cur:
+                await cur.execute(f"LISTEN {CHANNEL}")
+            return conn
+        except UNREACHABLE as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason without the DSN (which may hold a password)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"password=\S+", "password=***", text)
