@@ -42,6 +42,16 @@ def load_or_exit(path: str):
         raise click.ClickException(str(exc)) from None
 
 
+def validate_or_exit(config):
+    """Routes, schemas and models, checked as a worker will build them; returns the registry."""
+    try:
+        check_routes(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
+        return build_registry(config.models, config.environ,
+                              aliases=config.router_settings.get("model_group_alias"))
+    except ConfigError as exc:
+        raise click.ClickException(f"{config.path}: {exc}") from None
+
+
 @click.group()
 @click.version_option(__version__, prog_name="proxyctl")
 def cli() -> None:
@@ -60,6 +70,7 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
     from .server import serve as run_server  # imports tornado's server stack only when serving
 
     config = load_or_exit(config_path)
+    validate_or_exit(config)  # before forking: a bad route or model stops start-up once, with the file named
     setup_logging(log_level or config.settings.log_level)
     workers = num_workers if num_workers is not None else config.settings.num_workers
     if workers < 1:
@@ -74,12 +85,7 @@ def check(config_path: str) -> None:
     """Validate a config file without starting: routes, schemas, models, settings."""
     setup_logging("ERROR")
     config = load_or_exit(config_path)
-    try:
-        check_routes(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
-        registry = build_registry(config.models, config.environ,
-                                  aliases=config.router_settings.get("model_group_alias"))
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    registry = validate_or_exit(config)
     for line in log_startup_warnings(config, registry):
         click.echo(f"warning: {line}")
     paths = sum(1 + len(r.aliases) for r in config.routes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ROUTES_FILE = PACKAGE_DIR / "default_routes.yaml"
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_LEVELS = ("none", "key", "master")
+SECRET_KEY = re.compile(r"key|secret|token|password|credential|database_url", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -125,7 +127,7 @@ class ModelSpec:
     """One ``model_list`` entry, environment references resolved."""
 
     model_name: str
-    litellm_params: Mapping[str, Any]
+    litellm_params: Mapping[str, Any] = field(repr=False)  # holds resolved keys: never printed
     model_info: Mapping[str, Any]
     where: str  # "model_list[3]", for messages
 
@@ -136,10 +138,11 @@ class Config:
     routes: tuple[RouteSpec, ...]
     models: tuple[ModelSpec, ...]
     settings: Settings
-    environ: Mapping[str, str]
-    general_settings: Mapping[str, Any] = field(default_factory=dict)
-    router_settings: Mapping[str, Any] = field(default_factory=dict)
-    litellm_settings: Mapping[str, Any] = field(default_factory=dict)
+    # The resolved sections and the environment hold plain keys: keep them out of reprs.
+    environ: Mapping[str, str] = field(repr=False)
+    general_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    router_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    litellm_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
     ignored: tuple[str, ...] = ()
 
 
@@ -183,7 +186,17 @@ def validate_document(doc: Any, path: str) -> None:
         missing = [k for k in first.validator_value if k not in first.instance]
         parts += missing[:1]
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    raise ConfigError(f"{path}: {format_path(parts)}: {first.message}{more}")
+    raise ConfigError(f"{path}: {format_path(parts)}: {describe_error(first, parts)}{more}")
+
+
+def describe_error(error, parts) -> str:
+    """jsonschema's message, unless the value sits under a secret-looking key: then not its value."""
+    if not any(isinstance(p, str) and SECRET_KEY.search(p) for p in parts):
+        return error.message
+    if error.validator == "type":
+        expected = error.validator_value
+        return "expected " + (" or ".join(expected) if isinstance(expected, list) else str(expected))
+    return f"invalid value ({error.validator})"
 
 
 def resolve_env(value: Any, environ: Mapping[str, str], missing: list[str]) -> Any:

@@ -25,6 +25,7 @@ access_log = logging.getLogger("tornado_proxy.access")
 ALL_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 MAX_PENDING_STREAM_BYTES = 8 * 1024 * 1024  # a client this far behind is dropped, upstream aborted
 DONE_EVENT = b"data: [DONE]\n\n"
+MAX_JSON_DEPTH = 254  # orjson encodes no deeper, so a deeper body could never be forwarded
 
 
 @dataclass
@@ -109,6 +110,12 @@ class BaseHandler(tornado.web.RequestHandler):
         if not isinstance(body, dict):
             kind = "an array" if isinstance(body, list) else "a scalar"
             raise InvalidRequestError(f"Request body must be a JSON object, got {kind}.", param="request_body")
+        if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:  # cheap bound first: rarely re-encode
+            try:
+                orjson.dumps(body)
+            except TypeError:
+                raise InvalidRequestError(f"Request body is nested too deeply (more than {MAX_JSON_DEPTH} "
+                                          "levels of arrays/objects).", param="request_body") from None
         model_in_path = self.path_kwargs.get("model")
         if model_in_path:
             body["model"] = model_in_path

@@ -61,11 +61,12 @@ def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = 
     info = dict(spec.model_info)
     info["id"] = str(info.get("id") or derive_id(spec))
     where = spec.where
+    weight = number(params, "weight", float, where)
     return Deployment(
         id=info["id"], model_name=spec.model_name, provider=provider_name, model=model,
         api_base=api_base, api_key=Secret(str(api_key)) if api_key else None,
         api_version=params.get("api_version"),
-        weight=number(params, "weight", float, where) or 1.0,
+        weight=1.0 if weight is None else weight,  # 0 is a real weight: tried last
         rpm=number(params, "rpm", int, where), tpm=number(params, "tpm", int, where),
         order=number(params, "order", int, where),
         timeout=number(params, "timeout", float, where),

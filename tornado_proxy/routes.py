@@ -21,14 +21,18 @@ def compile_path(path: str) -> str:
     """``/openai/deployments/{model}/chat`` -> an anchored regex with named groups."""
     out, pos = [], 0
     for match in TEMPLATE.finditer(path):
-        out.append(re.escape(path[pos:match.start()]))
+        out.append(literal(path, path[pos:match.start()]))
         out.append(f"(?P<{match.group(1)}>{'.+' if match.group(2) else '[^/]+'})")
         pos = match.end()
-    rest = path[pos:]
-    if "{" in rest or "}" in rest:
-        raise ConfigError(f"route {path}: bad path template")
-    out.append(re.escape(rest))
+    out.append(literal(path, path[pos:]))
     return "".join(out) + "$"
+
+
+def literal(path: str, text: str) -> str:
+    """A part of ``path`` between templates: any brace left in it is a malformed template."""
+    if "{" in text or "}" in text:
+        raise ConfigError(f"route {path}: bad path template")
+    return re.escape(text)
 
 
 def check(specs: Iterable[RouteSpec], handlers: dict, schemas) -> None:

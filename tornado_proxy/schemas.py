@@ -16,6 +16,7 @@ from .errors import InvalidRequestError
 
 JSON_TYPES = {"object": "an object", "array": "an array", "string": "a string", "integer": "an integer",
               "number": "a number", "boolean": "a boolean", "null": "null"}
+MAX_SHOWN_VALUE = 80  # characters of a bad value quoted back in an error message
 
 
 def json_type(value) -> str:
@@ -66,4 +67,12 @@ def describe(error: jsonschema.ValidationError) -> InvalidRequestError:
     if error.validator == "minItems" and error.instance == []:
         return InvalidRequestError(f"Invalid '{param}': empty array. Expected an array with minimum length "
                                    f"{error.validator_value}, but got an empty array instead.", param=param)
-    return InvalidRequestError(f"Invalid value for '{param}': {error.message}", param=param)
+    return InvalidRequestError(f"Invalid value for '{param}': {short_message(error)}", param=param)
+
+
+def short_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, with the offending value cut short: a huge value is named, not echoed."""
+    shown = repr(error.instance)
+    if len(shown) <= MAX_SHOWN_VALUE:
+        return error.message
+    return error.message.replace(shown, shown[:MAX_SHOWN_VALUE] + "...")

@@ -108,6 +108,10 @@ class Supervisor:
 
     def forward(self, signum, _frame) -> None:
         self.stopping = True
+        # The parent's copies of the listening sockets would keep the port open (connections
+        # queue and hang) while the workers drain: close them so new connections are refused.
+        for sock in self.sockets:
+            sock.close()
         for pid in list(self.children):
             try:
                 os.kill(pid, signal.SIGTERM)

@@ -33,19 +33,30 @@ ABORTED = pycurl.E_ABORTED_BY_CALLBACK
 class AbortableCurlClient(CurlAsyncHTTPClient):
     """``CurlAsyncHTTPClient`` plus ``abort(request)``, which the stock client lacks."""
 
+    def _curl_setup_request(self, curl, request, buffer, headers) -> None:
+        super()._curl_setup_request(curl, request, buffer, headers)
+        # Tornado turns on libcurl's VERBOSE trace whenever DEBUG logging is enabled; the trace
+        # holds every request header and body, provider keys included. Never log it.
+        curl.setopt(pycurl.VERBOSE, 0)
+
     def abort(self, request: HTTPRequest, message: str) -> bool:
+        # fetch() hands the client a _RequestProxy wrapping our request, not the request itself.
         for curl in self._curls:
             info = getattr(curl, "info", None)
-            if info is not None and info["request"] is request:
+            if info is not None and _unwrap(info["request"]) is request:
                 self._finish(curl, ABORTED, message)
                 self._process_queue()
                 return True
         for item in list(self._requests):
-            if item[0] is request:
+            if _unwrap(item[0]) is request:
                 self._requests.remove(item)
                 item[1](HTTPResponse(request=request, code=599, error=CurlError(ABORTED, message)))
                 return True
         return False
+
+
+def _unwrap(request) -> HTTPRequest:
+    return getattr(request, "request", request)
 
 
 @dataclass
@@ -98,6 +109,8 @@ class Upstream:
         """
 
         def header_line(line: str) -> None:
+            if transfer.abort_reason:
+                return  # queued before an abort: the caller must not see a head now
             line = line.rstrip("\r\n")
             if line.startswith("HTTP/"):
                 transfer.status = httputil.parse_response_start_line(line).code
@@ -109,16 +122,23 @@ class Upstream:
                 if deadline is not None:
                     loop.remove_timeout(deadline)
                 on_head(transfer)
+                while early and not transfer.abort_reason:
+                    body_chunk(early.pop(0))
 
         def body_chunk(chunk: bytes) -> None:
             if transfer.abort_reason:
                 return
-            if transfer.ok:
+            if transfer.first_byte_at is None:
+                # Tornado queues header lines on the IOLoop but hands over the body synchronously
+                # when a transfer completes within one read: hold the body until the head is in.
+                early.append(chunk)
+            elif transfer.ok:
                 on_chunk(chunk)
             else:
                 transfer.error_body += chunk[: 65536 - len(transfer.error_body)]
 
         loop = IOLoop.current()
+        early: list[bytes] = []
         transfer.request = self._request(req, timeout, header_callback=header_line, streaming_callback=body_chunk)
         deadline = None
         if first_byte_timeout:

@@ -83,6 +83,7 @@ class OpenAIProvider(Provider):
             pass
         if d.api_key and d.api_key.reveal():
             message = message.replace(d.api_key.reveal(), "***")
+            param = param.replace(d.api_key.reveal(), "***") if param else param
         headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
         return upstream_error(reply.status, f"{self.label(d)}: {message}", param=param, headers=headers)
 
