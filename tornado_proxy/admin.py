@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
+import uuid
+
 from . import __version__
-from .errors import NotFoundError
+from .db import DatabaseUnavailable
+from .errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from .handlers import BaseHandler
+from .modelstore import ModelStore, public_view
 
 MODEL_CREATED = 1677610602  # the fixed `created` LiteLLM reports for configured models
 
@@ -40,6 +44,70 @@ class ModelInfoHandler(BaseHandler):
         self.write_json({"data": data})
 
 
+class ModelWriteHandler(BaseHandler):
+    """Base of /model/new, /model/update, /model/delete: needs database storage; a database
+    outage is a 503 (nothing is half-written: each write is one statement)."""
+
+    def store(self) -> ModelStore:
+        store = self.gw.catalog.store
+        if store is None:
+            raise InvalidRequestError(
+                "Model storage is off. Set general_settings.store_model_in_db: true (or STORE_MODEL_IN_DB=True) "
+                "and general_settings.database_url (or DATABASE_URL) to add, update or delete models.")
+        return store
+
+    async def post(self) -> None:
+        body = self.json_body()
+        store = self.store()
+        try:
+            result = await self.change(store, body)
+            await self.gw.catalog.refresh()  # this worker serves it now; the others hear NOTIFY
+        except DatabaseUnavailable as exc:
+            raise ServiceUnavailableError(f"Database unavailable ({exc}); the change was not saved. "
+                                          "Models already loaded keep serving.") from None
+        self.write_json(result)
+
+    async def change(self, store: ModelStore, body: dict) -> dict:
+        raise NotImplementedError
+
+
+class ModelNewHandler(ModelWriteHandler):
+    async def change(self, store: ModelStore, body: dict) -> dict:
+        model_id = str((body.get("model_info") or {}).get("id") or uuid.uuid4())
+        row = await store.db.insert_model(store.checked_row(body, model_id))
+        if row is None:
+            raise InvalidRequestError(f"A model with id={model_id} already exists.", param="model_info.id")
+        return public_view(row)
+
+
+class ModelUpdateHandler(ModelWriteHandler):
+    async def patch(self) -> None:
+        await self.post()
+
+    async def change(self, store: ModelStore, body: dict) -> dict:
+        model_id = body.get("id") or body.get("model_id") or (body.get("model_info") or {}).get("id")
+        if not model_id:
+            raise InvalidRequestError("Missing required parameter: 'model_info.id'.", param="model_info.id")
+        old = await store.existing_api_row(model_id)
+        merged = {
+            "model_name": body.get("model_name") or old.model_name,
+            "litellm_params": {**store.cipher.open(old.litellm_params), **(body.get("litellm_params") or {})},
+            "model_info": {**old.model_info, **(body.get("model_info") or {})},
+        }
+        row = await store.db.update_model(store.checked_row(merged, model_id))
+        if row is None:
+            raise NotFoundError(f"Model with id={model_id} not found", param="id")
+        return public_view(row)
+
+
+class ModelDeleteHandler(ModelWriteHandler):
+    async def change(self, store: ModelStore, body: dict) -> dict:
+        await store.existing_api_row(body["id"])
+        if not await store.db.delete_model(body["id"]):
+            raise NotFoundError(f"Model with id={body['id']} not found", param="id")
+        return {"message": f"Model: {body['id']} deleted successfully"}
+
+
 class LivelinessHandler(BaseHandler):
     def get(self) -> None:
         self.write_json("I'm alive!")
@@ -49,7 +117,7 @@ class ReadinessHandler(BaseHandler):
     def get(self) -> None:
         self.write_json({
             "status": "healthy",
-            "db": "Not connected",
+            "db": self.gw.catalog.db_state,
             "cache": None,
             "litellm_version": __version__,
             "config_generation": self.gw.registry.generation,
@@ -68,6 +136,9 @@ HANDLERS = {
     "models": ModelsHandler,
     "model": ModelHandler,
     "model_info": ModelInfoHandler,
+    "model_new": ModelNewHandler,
+    "model_update": ModelUpdateHandler,
+    "model_delete": ModelDeleteHandler,
     "liveliness": LivelinessHandler,
     "readiness": ReadinessHandler,
     "metrics": MetricsHandler,

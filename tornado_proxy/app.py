@@ -3,48 +3,77 @@ upstream client and metrics, handed to every handler; and the Tornado applicatio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import tornado.web
 
 from . import admin, handlers, routes
-from .config import Config, resource_dir
+from .catalog import Catalog
+from .config import Config, ConfigError, resource_dir
 from .handlers import CallContext
 from .metrics import Metrics
-from .registry import Registry, build_registry
+from .registry import Registry, build_deployment
 from .router import Router
 from .schemas import Schemas
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+# Settings that size the process: a reload keeps the running values.
+RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_timeout", "database_url",
+                "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
+                "embedded_db_dir", "max_request_size_mb")
+
 HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS}
 
 
 class Gateway:
-    def __init__(self, config: Config, metrics: Metrics | None = None):
+    def __init__(self, config: Config, metrics: Metrics | None = None, generation: int = 1):
         self.config = config
         self.settings = config.settings
         self.schemas = Schemas(resource_dir("schemas"))
-        self.registry: Registry = build_registry(config.models, config.environ,
-                                                 aliases=config.router_settings.get("model_group_alias"))
+        self.catalog = Catalog(config, generation)
         self.router = Router()
         self.metrics = metrics or Metrics()
         self.upstream: Upstream | None = None
+        self.app: tornado.web.Application | None = None
         self.in_flight = 0
+
+    @property
+    def registry(self) -> Registry:
+        return self.catalog.registry
 
     def begin(self) -> None:
         self.in_flight += 1
         self.metrics.in_flight.inc()
 
-    async def start(self) -> None:
-        """Create what needs the running event loop."""
+    async def start(self, require_db: bool = False) -> None:
+        """Create what needs the running event loop; connect the database (if configured)."""
         self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout)
+        await self.catalog.start(require_db)
 
     async def stop(self) -> None:
+        await self.catalog.stop()
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+
+    async def reload(self, config: Config, generation: int) -> None:
+        """Swap in a validated config: routes, models and settings. Requests in flight keep
+        what they started with; settings that size the process (workers, pools, database)
+        take effect at the next restart."""
+        rules = routes.build(config.routes, HANDLERS, self.schemas, self)
+        for name in RESTART_ONLY:
+            if getattr(config.settings, name) != getattr(self.settings, name):
+                log.warning("reload: %s changed; it takes effect at the next restart", name)
+        settings = dataclasses.replace(config.settings, **{n: getattr(self.settings, n) for n in RESTART_ONLY})
+        self.config = dataclasses.replace(config, settings=settings)
+        self.settings = settings
+        if self.app is not None:
+            swap_rules(self.app, rules)
+        await self.catalog.reload(self.config, generation)
+        log.info("reloaded %s as config generation %d", config.path, generation)
 
     def record(self, route: str, ctx: CallContext, status: int, elapsed: float, began: bool) -> None:
         m = self.metrics
@@ -66,7 +95,7 @@ class Gateway:
 
 def make_application(gw: Gateway) -> tornado.web.Application:
     rules = routes.build(gw.config.routes, HANDLERS, gw.schemas, gw)
-    return tornado.web.Application(
+    gw.app = tornado.web.Application(
         rules,
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args={"gw": gw, "route": None},
@@ -74,6 +103,25 @@ def make_application(gw: Gateway) -> tornado.web.Application:
         compress_response=False,
         serve_traceback=False,
     )
+    return gw.app
+
+
+def swap_rules(app: tornado.web.Application, rules: list) -> None:
+    """Replace the URL table in one step (no await in between): requests already matched keep
+    their handler; the next request sees the new table."""
+    fresh = tornado.web._ApplicationRouter(app, rules)
+    app.wildcard_router.rules = fresh.rules
+    app.wildcard_router.named_rules = fresh.named_rules
+
+
+def validate(config: Config) -> Registry:
+    """Routes, schemas and models, checked as a worker builds them. Raises ConfigError."""
+    try:
+        routes.check(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
+        return Registry.build((build_deployment(s, config.environ) for s in config.models), 1,
+                              config.router_settings.get("model_group_alias"))
+    except ConfigError as exc:
+        raise ConfigError(f"{config.path}: {exc}") from None
 
 
 def log_startup_warnings(config: Config, registry: Registry) -> list[str]:

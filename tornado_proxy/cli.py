@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import click
 
 from . import __version__
-from .app import HANDLERS, log_startup_warnings
-from .config import ConfigError, load, resource_dir
-from .registry import build_registry
-from .routes import check as check_routes
-from .schemas import Schemas
+from .app import log_startup_warnings, validate
+from .config import Config, ConfigError, Secret, load
 
 log = logging.getLogger("tornado_proxy")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -45,11 +47,9 @@ def load_or_exit(path: str):
 def validate_or_exit(config):
     """Routes, schemas and models, checked as a worker will build them; returns the registry."""
     try:
-        check_routes(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
-        return build_registry(config.models, config.environ,
-                              aliases=config.router_settings.get("model_group_alias"))
+        return validate(config)
     except ConfigError as exc:
-        raise click.ClickException(f"{config.path}: {exc}") from None
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -65,18 +65,148 @@ def cli() -> None:
 @click.option("--port", default=4000, show_default=True, type=int)
 @click.option("--num-workers", type=int, default=None, help="Worker processes [env NUM_WORKERS, default 8].")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR [env LITELLM_LOG, default INFO].")
-def serve(config_path: str, host: str, port: int, num_workers: int | None, log_level: str | None) -> None:
+@click.option("--pid-file", type=click.Path(path_type=Path), default=None,
+              help="Where `proxyctl reload` finds this server [default: var/proxyctl-PORT.pid].")
+@click.option("--require-db", is_flag=True, help="Exit at once if the database is unreachable.")
+@click.option("--embedded-db", is_flag=True, help="Run a private PostgreSQL (database_url: embedded).")
+def serve(config_path: str, host: str, port: int, num_workers: int | None, log_level: str | None,
+          pid_file: Path | None, require_db: bool, embedded_db: bool) -> None:
     """Start the gateway."""
-    from .server import serve as run_server  # imports tornado's server stack only when serving
+    from .server import ServeOptions, serve as run_server  # tornado's server stack only when serving
 
     config = load_or_exit(config_path)
+    if embedded_db:
+        config = use_embedded(config)
     validate_or_exit(config)  # before forking: a bad route or model stops start-up once, with the file named
     setup_logging(log_level or config.settings.log_level)
     workers = num_workers if num_workers is not None else config.settings.num_workers
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--num-workers / NUM_WORKERS")
     log.info("tornado-proxy %s: config %s, %d model deployment(s)", __version__, config_path, len(config.models))
-    sys.exit(run_server(config, host, port, workers))
+    sys.exit(run_server(config, ServeOptions(host=host, port=port, workers=workers, pid_file=pid_file,
+                                              require_db=require_db)))
+
+
+def use_embedded(config: Config) -> Config:
+    settings = dataclasses.replace(config.settings, database_url=Secret("embedded"), store_model_in_db=True)
+    return dataclasses.replace(config, settings=settings)
+
+
+@cli.command()
+@click.option("--pid-file", type=click.Path(path_type=Path), default=None,
+              help="The running server's pid file [default: var/proxyctl-PORT.pid].")
+@click.option("--port", default=4000, show_default=True, type=int, help="Picks the default pid file.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the answer.")
+def reload(pid_file: Path | None, port: int, timeout: float) -> None:
+    """Make a running gateway (every worker) re-read its config file and the database."""
+    from .server import StateFile, default_pid_file
+
+    pid_file = pid_file or default_pid_file(port)
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        raise click.ClickException(f"{pid_file}: no running gateway (is `proxyctl serve` running "
+                                   "with this --pid-file / --port?)") from None
+    state = StateFile(pid_file.with_suffix(".state"))
+    before = state.read().get("seq", 0)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise click.ClickException(f"{pid_file}: process {pid} is not running") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = state.read()
+        if now.get("seq", 0) > before:
+            if now.get("status") != "ok":
+                raise click.ClickException(f"reload refused: {now.get('message')}")
+            click.echo(f"reloaded {now.get('config')}: config generation {now.get('generation')}")
+            return
+        time.sleep(0.05)
+    raise click.ClickException(f"no answer from process {pid} within {timeout}s")
+
+
+@cli.command()
+@click.option("--config", "config_path", default=default_config_path, show_default="routes.yaml")
+@click.option("--dry-run", is_flag=True, help="Print the changes without applying them.")
+def sync(config_path: str, dry_run: bool) -> None:
+    """Sync the config file's models into the database: print the diff, then apply it."""
+    config = load_or_exit(config_path)
+    validate_or_exit(config)
+    lines, applied = run_with_database(config, lambda store: sync_models(store, config, dry_run))
+    for line in lines:
+        click.echo(line)
+    verb = "would change" if dry_run else "changed"
+    click.echo(f"{len(lines)} model(s) {verb}" if lines else "database already in sync")
+
+
+async def sync_models(store, config: Config, dry_run: bool):
+    from .config import resource_dir
+
+    async with store.db.startup_lock():
+        await store.db.migrate(resource_dir("sql"))
+        plan = await store.plan(config.models)
+        if not dry_run and not plan.empty:
+            await store.apply(plan)
+    return plan.describe(), not dry_run
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("migrate")
+@click.option("--config", "config_path", default=default_config_path, show_default="routes.yaml")
+def db_migrate(config_path: str) -> None:
+    """Apply the migrations in sql/ that the database has not seen."""
+    config = load_or_exit(config_path)
+
+    async def migrate(store):
+        from .config import resource_dir
+
+        async with store.db.startup_lock():
+            return await store.db.migrate(resource_dir("sql")), await store.db.applied_migrations()
+
+    applied, everything = run_with_database(config, migrate, need_cipher=False)
+    for name in applied:
+        click.echo(f"applied {name}")
+    click.echo(f"schema up to date ({len(everything)} migrations)")
+
+
+def run_with_database(config: Config, work, need_cipher: bool = True):
+    """Run ``work(store)`` against the configured database (starting the embedded one if that
+    is the setting); database errors become a clean non-zero exit."""
+    from .catalog import make_database
+    from .db import DatabaseUnavailable
+    from .embedded import EmbeddedError, EmbeddedPostgres
+    from .modelstore import ModelStore, cipher_for
+
+    if not config.settings.database_url:
+        raise click.ClickException("no database: set general_settings.database_url or DATABASE_URL")
+    embedded = None
+    try:
+        if config.settings.database_url.reveal() == "embedded":
+            embedded = EmbeddedPostgres(config.settings.embedded_db_dir)
+            settings = dataclasses.replace(config.settings, database_url=Secret(embedded.start()))
+            config = dataclasses.replace(config, settings=settings)
+        cipher = cipher_for(config.settings, config.environ)
+        if need_cipher and cipher is None:
+            raise click.ClickException("storing models needs LITELLM_SALT_KEY or a master key to encrypt "
+                                       "their secrets")
+        store = ModelStore(make_database(config), cipher, config.environ)
+
+        async def main():
+            try:
+                return await work(store)
+            finally:
+                await store.db.close()
+
+        return asyncio.run(main())
+    except (DatabaseUnavailable, EmbeddedError) as exc:
+        raise click.ClickException(f"database unavailable: {exc}") from None
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 @cli.command()

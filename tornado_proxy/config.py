@@ -26,6 +26,13 @@ DEFAULT_ROUTES_FILE = PACKAGE_DIR / "default_routes.yaml"
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_LEVELS = ("none", "key", "master")
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|database_url", re.IGNORECASE)
+# litellm_params names whose values are secrets: api_key, aws_secret_access_key, azure_ad_token,
+# vertex_credentials, ... (but not max_tokens).
+SECRET_PARAM = re.compile(r"(key|_token|secret|password|credentials?)$|secret|password|credential", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(SECRET_PARAM.search(name))
 
 
 class ConfigError(Exception):
@@ -76,6 +83,14 @@ SETTINGS: tuple[Setting, ...] = (
             "PostgreSQL DSN for the model registry.", True),
     Setting("store_model_in_db", "general_settings", "STORE_MODEL_IN_DB", False, bool,
             "Sync YAML models into PostgreSQL and serve models added through the API."),
+    Setting("database_connection_pool_limit", "general_settings", None, 10, int,
+            "PostgreSQL connections per worker."),
+    Setting("database_connection_timeout", "general_settings", None, 5.0, float,
+            "Seconds to connect to PostgreSQL, and the statement timeout."),
+    Setting("model_refresh_interval", "general_settings", None, 30.0, float,
+            "Seconds between full re-reads of the database models (LISTEN/NOTIFY does the fast path)."),
+    Setting("embedded_db_dir", "general_settings", None, "var/pgdata", str,
+            "Data folder of the private PostgreSQL used with `database_url: embedded`."),
     Setting("max_request_size_mb", "general_settings", None, 16.0, float,
             "Largest request body accepted; bigger ones get 413."),
     Setting("upstream_max_connections", "general_settings", None, 1000, int,
@@ -102,6 +117,10 @@ class Settings:
     master_key: Secret | None = None
     database_url: Secret | None = None
     store_model_in_db: bool = False
+    database_connection_pool_limit: int = 10
+    database_connection_timeout: float = 5.0
+    model_refresh_interval: float = 30.0
+    embedded_db_dir: str = "var/pgdata"
     max_request_size_mb: float = 16.0
     upstream_max_connections: int = 1000
     upstream_connect_timeout: float = 10.0

@@ -14,14 +14,13 @@ from typing import Any, Iterable, Mapping
 
 import orjson
 
-from .config import ConfigError, ModelSpec, Secret
+from .config import ConfigError, ModelSpec, Secret, is_secret_name
 from .errors import InvalidRequestError
 from .providers import KNOWN_ELSEWHERE, PROVIDERS, split_model
 from .providers.base import Deployment, ProviderDefaults
 
 log = logging.getLogger(__name__)
 
-SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 # litellm_params that are request defaults (the client's own value wins).
 DEFAULT_REQUEST_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "frequency_penalty",
                           "presence_penalty", "stop", "seed", "response_format", "reasoning_effort", "user")
@@ -74,7 +73,7 @@ def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = 
         mock_response=params.get("mock_response"),
         defaults={k: params[k] for k in DEFAULT_REQUEST_PARAMS if params.get(k) is not None},
         extra_headers={**defaults.headers, **(params.get("extra_headers") or {})},
-        public_params={k: v for k, v in params.items() if not SECRET_PARAM.search(k)},
+        public_params={k: v for k, v in params.items() if not is_secret_name(k)},
         model_info=info, source=source, problem=problem)
 
 

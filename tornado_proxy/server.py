@@ -9,6 +9,8 @@ supervisor below owns the children instead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -16,13 +18,18 @@ import signal
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from . import metrics
-from .app import Gateway, log_startup_warnings, make_application
-from .config import Config
+from .app import Gateway, log_startup_warnings, make_application, validate
+from .catalog import make_database, storage_problem
+from .config import Config, ConfigError, Secret, load
+from .db import DatabaseUnavailable
+from .embedded import EmbeddedPostgres
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +38,19 @@ RESTART_WINDOW = 10.0  # seconds; too many deaths in this window means a crash l
 
 async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio.Event | None = None,
                      ready: asyncio.Event | None = None, announce: bool = True,
-                     handle_signals: bool = True) -> None:
-    """One worker: build the gateway, serve on ``sockets`` until ``stop`` (or a signal), drain."""
+                     handle_signals: bool = True, generation: int = 1,
+                     state_path: Path | None = None) -> None:
+    """One worker: build the gateway, serve on ``sockets`` until ``stop`` (or a signal), drain.
+
+    SIGHUP re-reads the config the supervisor has just validated (see ``StateFile``)."""
     stop = stop or asyncio.Event()
+    gw = Gateway(config, generation=generation)
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    gw = Gateway(config)
+        if state_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_worker(gw, state_path)))
     if announce:
         log_startup_warnings(config, gw.registry)
     await gw.start()
@@ -49,12 +61,23 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
         ready.set()
     await stop.wait()
     server.stop()
-    await drain(gw, config.settings.graceful_shutdown_timeout)
+    await drain(gw, gw.settings.graceful_shutdown_timeout)
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         log.warning("connections still open after the grace period; closing the worker anyway")
     await gw.stop()
+
+
+async def reload_worker(gw: Gateway, state_path: Path) -> None:
+    state = StateFile(state_path).read()
+    if state.get("status") != "ok" or state.get("generation", 0) <= gw.catalog.generation:
+        return
+    try:
+        config = load(state["config"])
+        await gw.reload(config, state["generation"])
+    except ConfigError as exc:  # the file changed again since the supervisor checked it
+        log.error("reload failed in this worker, keeping generation %d: %s", gw.catalog.generation, exc)
 
 
 def max_body_size(config: Config) -> int:
@@ -68,36 +91,116 @@ async def drain(gw: Gateway, grace: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def serve(config: Config, host: str, port: int, workers: int) -> int:
-    """Bind, fork and supervise. Returns the exit status."""
-    sockets = bind_sockets(port, host or None, reuse_port=False)
-    log.info("listening on %s:%d with %d worker(s)", host or "*", port, workers)
-    multiproc_dir = tempfile.mkdtemp(prefix="tornado-proxy-metrics-")
-    metrics.enable_multiprocess(multiproc_dir)
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "0.0.0.0"
+    port: int = 4000
+    workers: int = 8
+    pid_file: Path | None = None
+    require_db: bool = False
+
+
+def default_pid_file(port: int) -> Path:
+    return Path("var") / f"proxyctl-{port}.pid"
+
+
+class StateFile:
+    """What the supervisor tells workers and ``proxyctl reload``: the accepted generation and
+    the outcome of the last reload request. Written atomically (temp file + rename)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, **state) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
+
+
+def serve(config: Config, options: ServeOptions) -> int:
+    """Start the private database if asked, bind, fork and supervise. Returns the exit status."""
+    embedded = None
+    if is_embedded(config):
+        embedded = EmbeddedPostgres(config.settings.embedded_db_dir)
+        config = with_database_url(config, embedded.start())
+        log.info("embedded PostgreSQL running in %s", embedded.data_dir)
     try:
-        if workers <= 1:
-            asyncio.run(run_worker(config, sockets))
-            return 0
-        return Supervisor(config, sockets, workers).run()
+        if options.require_db and not database_reachable(config):
+            return 1
+        sockets = bind_sockets(options.port, options.host or None, reuse_port=False)
+        log.info("listening on %s:%d with %d worker(s)", options.host or "*", options.port, options.workers)
+        multiproc_dir = tempfile.mkdtemp(prefix="tornado-proxy-metrics-")
+        metrics.enable_multiprocess(multiproc_dir)
+        pid_file = options.pid_file or default_pid_file(options.port)
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            return Supervisor(config, sockets, options.workers, StateFile(pid_file.with_suffix(".state"))).run()
+        finally:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+            pid_file.unlink(missing_ok=True)
+            pid_file.with_suffix(".state").unlink(missing_ok=True)
     finally:
-        shutil.rmtree(multiproc_dir, ignore_errors=True)
+        if embedded is not None:
+            embedded.stop()
+
+
+def is_embedded(config: Config) -> bool:
+    url = config.settings.database_url
+    return url is not None and url.reveal() == "embedded"
+
+
+def with_database_url(config: Config, dsn: str) -> Config:
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, database_url=Secret(dsn)))
+
+
+def database_reachable(config: Config) -> bool:
+    """For ``--require-db``: fail fast, once, in the parent, if the database is down."""
+    problem = storage_problem(config)
+    if problem or not config.settings.store_model_in_db:
+        log.error("--require-db: %s", problem or "database storage is not enabled (store_model_in_db)")
+        return False
+
+    async def ping() -> None:
+        db = make_database(config)
+        try:
+            await db.ping()
+        finally:
+            await db.close()
+
+    try:
+        asyncio.run(ping())
+        return True
+    except DatabaseUnavailable as exc:
+        log.error("--require-db: the database is unavailable: %s", exc)
+        return False
 
 
 class Supervisor:
-    def __init__(self, config: Config, sockets: list[socket.socket], workers: int):
-        self.config, self.sockets, self.workers = config, sockets, workers
+    def __init__(self, config: Config, sockets: list[socket.socket], workers: int, state: StateFile):
+        self.config, self.sockets, self.workers, self.state = config, sockets, workers, state
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.deaths: list[float] = []
+        self.generation = 1
+        self.seq = 0
+        self.state.write(generation=1, seq=0, status="ok", message="started", config=config.path, pid=os.getpid())
 
     def spawn(self, index: int) -> None:
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                asyncio.run(run_worker(self.config, self.sockets, announce=index == 0))
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                asyncio.run(run_worker(self.config, self.sockets, announce=index == 0,
+                                       generation=self.generation, state_path=self.state.path))
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -106,21 +209,43 @@ class Supervisor:
                 os._exit(status)
         self.children[pid] = index
 
+    def signal_children(self, signum: int) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     def forward(self, signum, _frame) -> None:
         self.stopping = True
         # The parent's copies of the listening sockets would keep the port open (connections
         # queue and hang) while the workers drain: close them so new connections are refused.
         for sock in self.sockets:
             sock.close()
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self.signal_children(signal.SIGTERM)
+
+    def reload(self, _signum, _frame) -> None:
+        """SIGHUP: validate the config file again; if good, bump the generation and tell workers."""
+        self.seq += 1
+        try:
+            config = load(self.config.path)
+            validate(config)
+        except ConfigError as exc:
+            log.error("reload refused, generation %d keeps serving: %s", self.generation, exc)
+            self.state.write(generation=self.generation, seq=self.seq, status="refused", message=str(exc),
+                             config=self.config.path, pid=os.getpid())
+            return
+        if self.config.settings.database_url:  # restart-only: new workers keep the running database
+            config = with_database_url(config, self.config.settings.database_url.reveal())
+        self.config, self.generation = config, self.generation + 1
+        self.state.write(generation=self.generation, seq=self.seq, status="ok",
+                         message=f"config generation {self.generation}", config=config.path, pid=os.getpid())
+        self.signal_children(signal.SIGHUP)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.forward)
         signal.signal(signal.SIGINT, self.forward)
+        signal.signal(signal.SIGHUP, self.reload)
         for index in range(self.workers):
             self.spawn(index)
         status = 0

@@ -1,0 +1,186 @@
+"""The live model catalog of one worker: the config file's models plus, when database storage
+is on, the models in PostgreSQL. It owns the database connection's life: migrate and sync at
+start-up (under an advisory lock), LISTEN for changes, a periodic full refresh as a safety net,
+reconnect with backoff, and config reloads. The registry it publishes is immutable and
+replaced whole, so requests in flight keep the deployments they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .config import Config, resource_dir
+import psycopg2
+
+from .db import Database, DatabaseUnavailable, describe
+from .modelstore import ModelStore, cipher_for
+from .providers.base import Deployment
+from .registry import Registry, build_deployment
+
+log = logging.getLogger(__name__)
+
+NOT_CONFIGURED = "Not connected"  # LiteLLM's readiness wording when no database is set
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"
+BACKOFF_MAX = 10.0
+LISTEN_POLL = 1.0  # how often a silent listener checks its connection is still alive
+
+
+def storage_problem(config: Config) -> str | None:
+    """Why database storage cannot be used; None when it can (or is not asked for)."""
+    s = config.settings
+    if not s.store_model_in_db:
+        return None
+    if not s.database_url:
+        return "store_model_in_db is on but no database_url / DATABASE_URL is set"
+    if cipher_for(s, config.environ) is None:
+        return "store_model_in_db needs LITELLM_SALT_KEY or a master key to encrypt stored secrets"
+    return None
+
+
+def make_database(config: Config) -> Database:
+    s = config.settings
+    timeout = s.database_connection_timeout
+    return Database(s.database_url.reveal(), pool_size=s.database_connection_pool_limit,
+                    statement_timeout_ms=int(timeout * 1000), connect_timeout=timeout)
+
+
+class Catalog:
+    def __init__(self, config: Config, generation: int = 1):
+        self.config = config
+        self.generation = generation
+        self.store: ModelStore | None = None
+        self.db_state = NOT_CONFIGURED
+        self.db_error: str | None = None
+        self.synced_generation = 0  # the config generation last synced into the database
+        self._yaml = self._yaml_deployments(config)
+        self._db: tuple[Deployment, ...] = ()
+        self.registry = self._build()
+        self._watcher: asyncio.Task | None = None
+        self._refresh_lock = asyncio.Lock()
+        problem = storage_problem(config)
+        if problem:
+            log.warning("database storage is off: %s", problem)
+        elif config.settings.store_model_in_db:
+            self.store = ModelStore(make_database(config), cipher_for(config.settings, config.environ),
+                                    config.environ)
+            self.db_state = DISCONNECTED
+
+    @staticmethod
+    def _yaml_deployments(config: Config) -> tuple[Deployment, ...]:
+        return tuple(build_deployment(spec, config.environ) for spec in config.models)
+
+    def _build(self) -> Registry:
+        return Registry.build(self._yaml + self._db, self.generation,
+                              self.config.router_settings.get("model_group_alias"))
+
+    async def start(self, require_db: bool = False) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.connect()
+        except DatabaseUnavailable as exc:
+            if require_db:
+                raise
+            self._lost(exc)
+        self._watcher = asyncio.create_task(self.watch())
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+        if self.store is not None:
+            await self.store.db.close()
+
+    async def connect(self) -> None:
+        """Migrate and sync (once per config generation), then load the database models."""
+        db = self.store.db
+        if self.synced_generation != self.generation:
+            async with db.startup_lock():
+                await db.migrate(resource_dir("sql"))
+                plan = await self.store.plan(self.config.models)
+                if not plan.empty:
+                    await self.store.apply(plan)
+                    log.info("synced config models into the database: %d added, %d changed, %d removed",
+                             len(plan.added), len(plan.changed), len(plan.removed))
+            self.synced_generation = self.generation
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Re-read the database models; publish a new registry if anything changed."""
+        async with self._refresh_lock:
+            yaml_ids = {d.id for d in self._yaml}
+            fresh = tuple(await self.store.deployments(exclude_ids=yaml_ids))
+            self._connected()
+            if fresh != self._db:
+                self._db = fresh
+                self.registry = self._build()
+                log.info("model registry now has %d deployments (%d from the database)",
+                         len(self.registry.deployments), len(fresh))
+
+    def _connected(self) -> None:
+        if self.db_state != CONNECTED:
+            log.info("database connected")
+        self.db_state, self.db_error = CONNECTED, None
+
+    def _lost(self, exc: Exception) -> None:
+        if self.db_state != DISCONNECTED or self.db_error is None:
+            log.warning("database unavailable (%s): serving the last known models", exc)
+        self.db_state, self.db_error = DISCONNECTED, str(exc)
+
+    async def watch(self) -> None:
+        """LISTEN for changes; refresh on each, and fully every ``model_refresh_interval``."""
+        backoff = 0.5
+        while True:
+            conn = None
+            try:
+                if self.synced_generation != self.generation:
+                    await self.connect()
+                conn = await self.store.db.listen()
+                await self.refresh()  # catch up on whatever changed while we were not listening
+                backoff = 0.5
+                await self._listen(conn)
+            except DatabaseUnavailable as exc:
+                self._lost(exc)
+            except Exception as exc:  # a bug here must not stop the watcher for good
+                log.exception("model watcher failed")
+                self._lost(exc)
+            finally:
+                if conn is not None:
+                    conn.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _listen(self, conn) -> None:
+        next_full = time.monotonic() + self.config.settings.model_refresh_interval
+        while True:
+            try:
+                await asyncio.wait_for(conn.notifies.get(), LISTEN_POLL)
+            except psycopg2.Error as exc:  # aiopg's notification queue reports a lost connection
+                raise DatabaseUnavailable(describe(exc)) from None
+            except asyncio.TimeoutError:
+                if conn.closed:
+                    raise DatabaseUnavailable("the listening connection was closed") from None
+                if time.monotonic() < next_full:
+                    continue
+            while not conn.notifies.empty():  # coalesce a burst of changes into one refresh
+                conn.notifies.get_nowait()
+            await self.refresh()
+            next_full = time.monotonic() + self.config.settings.model_refresh_interval
+
+    async def reload(self, config: Config, generation: int) -> None:
+        """Swap in a new, already validated config: its models now, the database sync next."""
+        self.config, self.generation = config, generation
+        self._yaml = self._yaml_deployments(config)
+        self.registry = self._build()
+        if self.store is not None:
+            self.store.environ = config.environ
+            try:
+                await self.connect()
+            except DatabaseUnavailable as exc:
+                self._lost(exc)  # the watcher syncs once the database is back

@@ -1,0 +1,159 @@
+"""Models kept in PostgreSQL: the YAML -> database sync (a pure diff, then one transaction),
+the model API's create/update/delete rules, and database rows -> ``ModelSpec``s for the
+registry. Secrets are sealed with ``crypt.Cipher`` before they reach ``db.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .config import ConfigError, ModelSpec, is_secret_name, resolve_env
+from .crypt import Cipher, DecryptError
+from .db import Database, ModelRow
+from .errors import InvalidRequestError, NotFoundError
+from .registry import build_deployment, derive_id
+
+MASK = "***"
+
+
+def cipher_for(settings, environ: Mapping[str, str]) -> Cipher | None:
+    """LITELLM_SALT_KEY, else the master key (LiteLLM's rule). None: nothing to derive from."""
+    salt = environ.get("LITELLM_SALT_KEY") or (settings.master_key.reveal() if settings.master_key else None)
+    return Cipher(salt) if salt else None
+
+
+def require_cipher(cipher: Cipher | None) -> Cipher:
+    if cipher is None:
+        raise InvalidRequestError("Storing models needs LITELLM_SALT_KEY or a master key to encrypt their "
+                                  "secrets with.")
+    return cipher
+
+
+def mask(params: Mapping[str, Any]) -> dict:
+    return {k: (MASK if is_secret_name(k) and v else v) for k, v in params.items()}
+
+
+def yaml_row(spec: ModelSpec, cipher: Cipher) -> ModelRow:
+    """A YAML entry as stored: resolved values, secrets sealed, so every instance can serve it."""
+    info = dict(spec.model_info)
+    info["id"] = str(info.get("id") or derive_id(spec))
+    return ModelRow(id=info["id"], model_name=spec.model_name,
+                    litellm_params=cipher.seal(spec.litellm_params, is_secret_name), model_info=info, source="yaml")
+
+
+@dataclass
+class SyncPlan:
+    added: list[ModelRow] = field(default_factory=list)
+    changed: list[ModelRow] = field(default_factory=list)
+    removed: list[ModelRow] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.changed or self.removed)
+
+    def describe(self) -> list[str]:
+        lines = [f"+ {r.model_name} ({r.id}) {mask(r.litellm_params)}" for r in self.added]
+        lines += [f"~ {r.model_name} ({r.id}) {mask(r.litellm_params)}" for r in self.changed]
+        lines += [f"- {r.model_name} ({r.id})" for r in self.removed]
+        return lines
+
+
+def plan_sync(wanted: Iterable[ModelRow], stored: Iterable[ModelRow], cipher: Cipher) -> SyncPlan:
+    """What makes the database's YAML rows equal ``wanted``. API rows are never touched."""
+    stored_by_id = {r.id: r for r in stored}
+    plan = SyncPlan()
+    wanted = list(wanted)
+    for row in wanted:
+        old = stored_by_id.get(row.id)
+        if old is None:
+            plan.added.append(row)
+        elif old.source != "yaml" or not same(old, row, cipher):
+            plan.changed.append(row)
+    wanted_ids = {r.id for r in wanted}
+    plan.removed = [r for r in stored_by_id.values() if r.source == "yaml" and r.id not in wanted_ids]
+    return plan
+
+
+def same(a: ModelRow, b: ModelRow, cipher: Cipher) -> bool:
+    try:
+        return (a.model_name == b.model_name and a.model_info == b.model_info
+                and cipher.open(a.litellm_params) == cipher.open(b.litellm_params))
+    except DecryptError:
+        return False
+
+
+def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str]) -> tuple[ModelSpec, str | None]:
+    """A stored row as the registry takes it; the second value is why it cannot be served."""
+    problem = None
+    params = dict(row.litellm_params)
+    try:
+        if cipher is not None:
+            params = cipher.open(params)
+    except DecryptError as exc:
+        problem = str(exc)
+    missing: list[str] = []
+    params = resolve_env(params, environ, missing)
+    return ModelSpec(model_name=row.model_name, litellm_params=params, model_info=dict(row.model_info),
+                     where=f"database model {row.id}"), problem
+
+
+class ModelStore:
+    """The database side of the registry, for one gateway (or one ``proxyctl sync``)."""
+
+    def __init__(self, db: Database, cipher: Cipher | None, environ: Mapping[str, str]):
+        self.db = db
+        self.cipher = cipher
+        self.environ = environ
+
+    async def plan(self, specs: Iterable[ModelSpec]) -> SyncPlan:
+        cipher = require_cipher(self.cipher)
+        wanted = [yaml_row(s, cipher) for s in specs]
+        return plan_sync(wanted, await self.db.fetch_models(), cipher)
+
+    async def apply(self, plan: SyncPlan) -> None:
+        await self.db.apply_sync(plan.added + plan.changed, [r.id for r in plan.removed])
+
+    async def deployments(self, exclude_ids: set[str]):
+        out = []
+        for row in await self.db.fetch_models():
+            if row.id in exclude_ids:
+                continue
+            spec, problem = spec_of(row, self.cipher, self.environ)
+            d = build_deployment(spec, self.environ, source="db" if row.source == "api" else "yaml")
+            out.append(d if problem is None else dataclasses.replace(d, problem=problem))
+        return out
+
+    def checked_row(self, body: Mapping[str, Any], model_id: str, source: str = "api") -> ModelRow:
+        """Validate a /model/new or /model/update body by building the deployment it describes."""
+        cipher = require_cipher(self.cipher)
+        spec = ModelSpec(model_name=body["model_name"], litellm_params=dict(body["litellm_params"]),
+                         model_info={**(body.get("model_info") or {}), "id": model_id}, where="request")
+        resolved, problem = spec_of(ModelRow(model_id, spec.model_name, spec.litellm_params,
+                                             dict(spec.model_info), source), None, self.environ)
+        try:
+            d = build_deployment(resolved, self.environ, source="db")
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc).replace("request.", ""), param="litellm_params") from None
+        if d.problem:
+            raise InvalidRequestError(d.problem, param="litellm_params.model")
+        return ModelRow(id=model_id, model_name=spec.model_name,
+                        litellm_params=cipher.seal(spec.litellm_params, is_secret_name),
+                        model_info=dict(spec.model_info), source=source)
+
+    async def existing_api_row(self, model_id: str) -> ModelRow:
+        row = await self.db.fetch_model(model_id)
+        if row is None:
+            raise NotFoundError(f"Model with id={model_id} not found", param="id")
+        if row.source != "api":
+            raise InvalidRequestError(f"Model {model_id} is defined in the config file: edit the file and run "
+                                      "`proxyctl sync` (or reload) instead.", param="id")
+        return row
+
+
+def public_view(row: ModelRow) -> dict:
+    """The LiteLLM shape of a stored model, secrets masked."""
+    return {"model_id": row.id, "model_name": row.model_name, "litellm_params": mask(row.litellm_params),
+            "model_info": {**row.model_info, "id": row.id, "db_model": row.source == "api"}}
+
