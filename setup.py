@@ -35,6 +35,7 @@ setup(
         "click>=8.1",
         "orjson>=3.10",
         "prometheus_client>=0.20",
+        "fastjsonschema>=2.19",
         "cryptography>=42",
     ],
     extras_require={

@@ -164,3 +164,19 @@ def test_schemas_from_another_directory(tmp_path):
     with pytest.raises(InvalidRequestError) as caught:
         schemas.validate("thing", {"a": [1, "2"]})
     assert caught.value.param == "a[1]"
+
+
+@pytest.mark.parametrize("name, body, valid", [(n, b, True) for n, b in VALID] +
+                         [(n, b, False) for n, b, _p, _w in INVALID])
+def test_fast_and_explaining_validators_agree(schemas, name, body, valid):
+    """fastjsonschema accepts (the hot path) exactly what jsonschema accepts (which explains)."""
+    import fastjsonschema
+
+    assert name in schemas._fast  # request schemas are draft-07, so the fast path is compiled
+    try:
+        schemas._fast[name](body)
+        fast_ok = True
+    except fastjsonschema.JsonSchemaValueException:
+        fast_ok = False
+    assert fast_ok is valid
+    assert schemas._validators[name].is_valid(body) is valid
