@@ -61,10 +61,13 @@ class ModelWriteHandler(BaseHandler):
         store = self.store()
         try:
             result = await self.change(store, body)
-            await self.gw.catalog.refresh()  # this worker serves it now; the others hear NOTIFY
         except DatabaseUnavailable as exc:
             raise ServiceUnavailableError(f"Database unavailable ({exc}); the change was not saved. "
                                           "Models already loaded keep serving.") from None
+        try:
+            await self.gw.catalog.refresh()  # this worker serves it now; the others hear NOTIFY
+        except DatabaseUnavailable:
+            pass  # saved; the watcher catches up when the database answers again
         self.write_json(result)
 
     async def change(self, store: ModelStore, body: dict) -> dict:
@@ -91,7 +94,7 @@ class ModelUpdateHandler(ModelWriteHandler):
         old = await store.existing_api_row(model_id)
         merged = {
             "model_name": body.get("model_name") or old.model_name,
-            "litellm_params": {**store.cipher.open(old.litellm_params), **(body.get("litellm_params") or {})},
+            "litellm_params": store.merged_params(old, body.get("litellm_params") or {}),
             "model_info": {**old.model_info, **(body.get("model_info") or {})},
         }
         row = await store.db.update_model(store.checked_row(merged, model_id))

@@ -8,6 +8,8 @@ also what the README's configuration reference is written from.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import orjson
 import yaml
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,9 @@ HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 AUTH_LEVELS = ("none", "key", "master")
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|database_url", re.IGNORECASE)
 # litellm_params names whose values are secrets: api_key, aws_secret_access_key, azure_ad_token,
-# vertex_credentials, ... (but not max_tokens).
-SECRET_PARAM = re.compile(r"(key|_token|secret|password|credentials?)$|secret|password|credential", re.IGNORECASE)
+# vertex_credentials, an Authorization header, ... (but not max_tokens or input_cost_per_token).
+SECRET_PARAM = re.compile(r"(key|(?<!_per)_token|secret|password|credentials?)$|secret|password|credential|"
+                          r"^authorization$", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -273,6 +277,32 @@ def parse_routes(raw_routes: list[dict]) -> tuple[RouteSpec, ...]:
         for r in raw_routes)
 
 
+def derive_id(spec: ModelSpec) -> str:
+    """A stable id for a deployment the config gives none: same entry, same id, every worker.
+
+    Secret values are left out of the hash, so a published id cannot confirm a guessed key;
+    ``config.load`` numbers entries that differ only in their secrets (``<id>-2``, ...)."""
+    params = {k: ("<secret>" if is_secret_name(k) else v) for k, v in spec.litellm_params.items()}
+    canonical = orjson.dumps({"model_name": spec.model_name, "litellm_params": params},
+                             option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def assign_ids(specs: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+    """Give every entry without ``model_info.id`` its derived id, unique within the list."""
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        if spec.model_info.get("id"):
+            out.append(spec)
+            continue
+        base = derive_id(spec)
+        seen[base] = seen.get(base, 0) + 1
+        model_id = base if seen[base] == 1 else f"{base}-{seen[base]}"
+        out.append(dataclasses.replace(spec, model_info={**spec.model_info, "id": model_id}))
+    return tuple(out)
+
+
 def load_default_routes() -> tuple[RouteSpec, ...]:
     doc = read_yaml(DEFAULT_ROUTES_FILE)
     validate_document(doc, str(DEFAULT_ROUTES_FILE))
@@ -304,10 +334,10 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     for name in sorted(set(missing)):
         log.warning("%s: os.environ/%s is not set; the value is treated as empty", path, name)
     routes = parse_routes(doc["routes"]) if doc.get("routes") else load_default_routes()
-    models = tuple(
+    models = assign_ids(tuple(
         ModelSpec(model_name=m["model_name"], litellm_params=dict(m.get("litellm_params") or {}),
                   model_info=dict(m.get("model_info") or {}), where=f"model_list[{i}]")
-        for i, m in enumerate(resolved.get("model_list") or ()))
+        for i, m in enumerate(resolved.get("model_list") or ())))
     return Config(
         path=path, routes=routes, models=models,
         settings=build_settings(resolved, env, path), environ=env,

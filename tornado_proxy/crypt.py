@@ -11,9 +11,11 @@ import base64
 import hashlib
 from typing import Any, Callable, Mapping
 
+import orjson
 from cryptography.fernet import Fernet, InvalidToken
 
 PREFIX = "enc:v1:"
+JSON_PREFIX = "enc:j1:"  # an encrypted JSON value (a secret that is not a string)
 
 
 class DecryptError(Exception):
@@ -38,9 +40,37 @@ class Cipher:
                                "differs from the one it was written with") from None
 
     def seal(self, params: Mapping[str, Any], is_secret: Callable[[str], bool]) -> dict:
-        """Encrypt every secret-named string value (already encrypted ones stay as they are)."""
-        return {k: self.encrypt(v) if is_secret(k) and isinstance(v, str) and not v.startswith(PREFIX) else v
-                for k, v in params.items()}
+        """Encrypt every secret-named value, at any depth (``extra_headers.Authorization``).
+        Non-string secrets (a credentials object) are stored as encrypted JSON."""
+        out = {}
+        for k, v in params.items():
+            if is_secret(k) and v is not None and not (isinstance(v, str) and v.startswith((PREFIX, JSON_PREFIX))):
+                out[k] = self.encrypt(v) if isinstance(v, str) else JSON_PREFIX + self._token(orjson.dumps(v))
+            elif isinstance(v, dict):
+                out[k] = self.seal(v, is_secret)
+            else:
+                out[k] = v
+        return out
 
     def open(self, params: Mapping[str, Any]) -> dict:
-        return {k: self.decrypt(v) if isinstance(v, str) else v for k, v in params.items()}
+        out = {}
+        for k, v in params.items():
+            if isinstance(v, str) and v.startswith(JSON_PREFIX):
+                out[k] = orjson.loads(self._plain(v[len(JSON_PREFIX):]))
+            elif isinstance(v, str):
+                out[k] = self.decrypt(v)
+            elif isinstance(v, dict):
+                out[k] = self.open(v)
+            else:
+                out[k] = v
+        return out
+
+    def _token(self, data: bytes) -> str:
+        return self._fernet.encrypt(data).decode()
+
+    def _plain(self, token: str) -> bytes:
+        try:
+            return self._fernet.decrypt(token.encode())
+        except InvalidToken:
+            raise DecryptError("stored secret cannot be decrypted: LITELLM_SALT_KEY (or the master key) "
+                               "differs from the one it was written with") from None

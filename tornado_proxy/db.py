@@ -116,13 +116,28 @@ class Database:
 
     @asynccontextmanager
     async def startup_lock(self) -> AsyncIterator[None]:
-        """Held while one instance migrates and syncs; the others wait their turn."""
-        async with self.cursor() as cur:
-            await cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
+        """Held while one instance migrates and syncs; the others wait their turn.
+
+        The lock lives on a connection of its own, outside the pool: the work done under it
+        needs pool connections, and a pool of one would otherwise wait on itself."""
+        try:
+            conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
+        except UNREACHABLE as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        try:
             try:
-                yield
-            finally:
-                await cur.execute("SELECT pg_advisory_unlock(%s)", (LOCK_ID,))
+                async with conn.cursor() as cur:
+                    await cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
+            except UNREACHABLE as exc:
+                raise DatabaseUnavailable(describe(exc)) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                raise DatabaseUnavailable("timed out waiting for the start-up lock") from None
+            yield  # closing the connection releases the (session-level) lock
+        finally:
+            conn.close()
 
     async def ping(self) -> None:
         async with self.cursor() as cur:

@@ -5,6 +5,7 @@ registry. Secrets are sealed with ``crypt.Cipher`` before they reach ``db.py``."
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -14,6 +15,8 @@ from .crypt import Cipher, DecryptError
 from .db import Database, ModelRow
 from .errors import InvalidRequestError, NotFoundError
 from .registry import build_deployment, derive_id
+
+log = logging.getLogger(__name__)
 
 MASK = "***"
 
@@ -32,7 +35,9 @@ def require_cipher(cipher: Cipher | None) -> Cipher:
 
 
 def mask(params: Mapping[str, Any]) -> dict:
-    return {k: (MASK if is_secret_name(k) and v else v) for k, v in params.items()}
+    """Secret-named values replaced by ``***``, at any depth."""
+    return {k: (MASK if is_secret_name(k) and v else mask(v) if isinstance(v, dict) else v)
+            for k, v in params.items()}
 
 
 def yaml_row(spec: ModelSpec, cipher: Cipher) -> ModelRow:
@@ -69,7 +74,10 @@ def plan_sync(wanted: Iterable[ModelRow], stored: Iterable[ModelRow], cipher: Ci
         old = stored_by_id.get(row.id)
         if old is None:
             plan.added.append(row)
-        elif old.source != "yaml" or not same(old, row, cipher):
+        elif old.source != "yaml":
+            log.warning("config model id %s is also a model added through the API: the API model is kept",
+                        row.id)
+        elif not same(old, row, cipher):
             plan.changed.append(row)
     wanted_ids = {r.id for r in wanted}
     plan.removed = [r for r in stored_by_id.values() if r.source == "yaml" and r.id not in wanted_ids]
@@ -121,7 +129,13 @@ class ModelStore:
             if row.id in exclude_ids:
                 continue
             spec, problem = spec_of(row, self.cipher, self.environ)
-            d = build_deployment(spec, self.environ, source="db" if row.source == "api" else "yaml")
+            try:
+                d = build_deployment(spec, self.environ, source="db" if row.source == "api" else "yaml")
+            except (ConfigError, KeyError, TypeError, ValueError) as exc:
+                # one row this gateway cannot build (e.g. an os.environ/ value that resolves to
+                # something else here) must not stop the others from loading
+                log.warning("database model %s is not served: %s", row.id, describe_error(exc))
+                continue
             out.append(d if problem is None else dataclasses.replace(d, problem=problem))
         return out
 
@@ -132,6 +146,7 @@ class ModelStore:
                          model_info={**(body.get("model_info") or {}), "id": model_id}, where="request")
         resolved, problem = spec_of(ModelRow(model_id, spec.model_name, spec.litellm_params,
                                              dict(spec.model_info), source), None, self.environ)
+        resolved = dataclasses.replace(resolved, where="request")  # messages name the request, not a row
         try:
             d = build_deployment(resolved, self.environ, source="db")
         except ConfigError as exc:
@@ -142,6 +157,21 @@ class ModelStore:
                         litellm_params=cipher.seal(spec.litellm_params, is_secret_name),
                         model_info=dict(spec.model_info), source=source)
 
+    def merged_params(self, row: ModelRow, changes: Mapping[str, Any]) -> dict:
+        """A stored row's params (decrypted) with ``changes`` on top, for /model/update. A stored
+        secret the current key cannot decrypt must be sent again, not silently kept or lost."""
+        cipher = require_cipher(self.cipher)
+        merged = {}
+        for name, value in row.litellm_params.items():
+            if name in changes:
+                continue
+            try:
+                merged[name] = cipher.decrypt(value) if isinstance(value, str) else value
+            except DecryptError as exc:
+                raise InvalidRequestError(f"litellm_params.{name} of model {row.id}: {exc}; send a new value for "
+                                          "it.", param=f"litellm_params.{name}") from None
+        return {**merged, **changes}
+
     async def existing_api_row(self, model_id: str) -> ModelRow:
         row = await self.db.fetch_model(model_id)
         if row is None:
@@ -150,6 +180,10 @@ class ModelStore:
             raise InvalidRequestError(f"Model {model_id} is defined in the config file: edit the file and run "
                                       "`proxyctl sync` (or reload) instead.", param="id")
         return row
+
+
+def describe_error(exc: Exception) -> str:
+    return f"missing {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
 
 
 def public_view(row: ModelRow) -> dict:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-import orjson
 
-from .config import ConfigError, ModelSpec, Secret, is_secret_name
+from .config import ConfigError, ModelSpec, Secret, derive_id, is_secret_name
 from .errors import InvalidRequestError
 from .providers import KNOWN_ELSEWHERE, PROVIDERS, split_model
 from .providers.base import Deployment, ProviderDefaults
@@ -35,13 +32,6 @@ def number(params: Mapping[str, Any], name: str, kind: type, where: str):
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}.litellm_params.{name}: expected a number, got {value!r}") from None
-
-
-def derive_id(spec: ModelSpec) -> str:
-    """A stable id for a deployment the config gives none: same entry, same id, every worker."""
-    canonical = orjson.dumps({"model_name": spec.model_name, "litellm_params": spec.litellm_params},
-                             option=orjson.OPT_SORT_KEYS, default=str)
-    return hashlib.sha256(canonical).hexdigest()
 
 
 def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = "yaml") -> Deployment:
