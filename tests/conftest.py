@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import textwrap
 import uuid
+from pathlib import Path
 
 import orjson
 import pytest
@@ -48,19 +51,24 @@ def server_reachable(dsn: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
-    """A real PostgreSQL: $DATABASE_URL, else the local server, else a throwaway cluster."""
-    cluster = None
+def pg_server():
+    """A real PostgreSQL: $DATABASE_URL, else the local server, else a throwaway cluster.
+
+    The cluster lives outside pytest's temp root: pytest makes that root 0700 whenever a session
+    starts, and the cluster runs as the postgres user, who must keep reaching its folder."""
+    cluster = folder = None
     dsn = os.environ.get("DATABASE_URL")
     if not dsn:
         if server_reachable(LOCAL_PG):
             dsn = LOCAL_PG
         else:
-            cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+            folder = tempfile.mkdtemp(prefix="tp-pg-")
+            cluster = EmbeddedPostgres(Path(folder) / "data")
             dsn = cluster.start()
     yield dsn
     if cluster is not None:
         cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -89,11 +89,14 @@ class Catalog:
 
     async def stop(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
+            # One cancel() can be lost: before Python 3.12, asyncio.wait_for (ours, and aiopg's)
+            # returns a result that is ready in the same loop turn instead of raising, and the
+            # watcher then listens on for ever. Repeat the cancel until the task has ended.
+            while not self._watcher.done():
+                self._watcher.cancel()
+                await asyncio.wait({self._watcher}, timeout=0.5)
+            if not self._watcher.cancelled() and self._watcher.exception() is not None:
+                log.error("model watcher ended with %r", self._watcher.exception())
         if self.store is not None:
             await self.store.db.close()
 

@@ -83,8 +83,14 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--num-workers / NUM_WORKERS")
     log.info("tornado-proxy %s: config %s, %d model deployment(s)", __version__, config_path, len(config.models))
-    sys.exit(run_server(config, ServeOptions(host=host, port=port, workers=workers, pid_file=pid_file,
-                                              require_db=require_db)))
+    from .embedded import EmbeddedError
+
+    try:
+        status = run_server(config, ServeOptions(host=host, port=port, workers=workers, pid_file=pid_file,
+                                                 require_db=require_db))
+    except EmbeddedError as exc:
+        raise click.ClickException(f"embedded PostgreSQL: {exc}") from None
+    sys.exit(status)
 
 
 def use_embedded(config: Config) -> Config:
@@ -107,6 +113,8 @@ def reload(pid_file: Path | None, port: int, timeout: float) -> None:
     except (OSError, ValueError):
         raise click.ClickException(f"{pid_file}: no running gateway (is `proxyctl serve` running "
                                    "with this --pid-file / --port?)") from None
+    if not is_gateway_process(pid):
+        raise click.ClickException(f"{pid_file}: process {pid} is not a running proxyctl serve (stale pid file?)")
     state = StateFile(pid_file.with_suffix(".state"))
     before = state.read().get("seq", 0)
     try:
@@ -123,6 +131,15 @@ def reload(pid_file: Path | None, port: int, timeout: float) -> None:
             return
         time.sleep(0.05)
     raise click.ClickException(f"no answer from process {pid} within {timeout}s")
+
+
+def is_gateway_process(pid: int) -> bool:
+    """Never SIGHUP a stranger that inherited a stale pid (SIGHUP's default action kills)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"proxyctl" in part or b"tornado_proxy" in part for part in cmdline) and b"serve" in cmdline
 
 
 @cli.command()
@@ -142,12 +159,14 @@ def sync(config_path: str, dry_run: bool) -> None:
 async def sync_models(store, config: Config, dry_run: bool):
     from .config import resource_dir
 
+    if dry_run:  # changes nothing, migrations included
+        return (await store.plan(config.models)).describe(), False
     async with store.db.startup_lock():
         await store.db.migrate(resource_dir("sql"))
         plan = await store.plan(config.models)
-        if not dry_run and not plan.empty:
+        if not plan.empty:
             await store.apply(plan)
-    return plan.describe(), not dry_run
+    return plan.describe(), True
 
 
 @cli.group()

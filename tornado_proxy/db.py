@@ -163,6 +163,11 @@ class Database:
                 applied_now.append(path.name)
         return applied_now
 
+    async def has_table(self, name: str) -> bool:
+        async with self.cursor() as cur:
+            await cur.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+            return (await cur.fetchone())[0]
+
     async def applied_migrations(self) -> list[str]:
         async with self.cursor() as cur:
             await cur.execute("SELECT name FROM schema_migrations ORDER BY version")
@@ -222,11 +227,17 @@ class Database:
         """A dedicated connection LISTENing on the change channel (``conn.notifies`` is a queue)."""
         try:
             conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
+        except UNREACHABLE as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        try:
             async with conn.cursor() as cur:
                 await cur.execute(f"LISTEN {CHANNEL}")
             return conn
-        except UNREACHABLE as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, UNREACHABLE):
+                raise DatabaseUnavailable(describe(exc)) from None
+            raise
 
 
 def describe(exc: BaseException) -> str:

@@ -34,6 +34,13 @@ def find_binary(name: str) -> str:
     raise EmbeddedError(f"{name} not found: install the PostgreSQL server package (e.g. postgresql)")
 
 
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(cannot read it: {exc.strerror})"
+
+
 class EmbeddedPostgres:
     def __init__(self, data_dir: str | Path = DEFAULT_DATA_DIR, run_as: str | None = None):
         self.data_dir = Path(data_dir).resolve()
@@ -44,10 +51,17 @@ class EmbeddedPostgres:
     def dsn(self) -> str:
         return f"host={self.data_dir} port=5432 user=postgres dbname=postgres"
 
+    def _user(self) -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam(self.run_as)
+        except KeyError:
+            raise EmbeddedError(f"PostgreSQL refuses to run as root and there is no user {self.run_as!r} to run "
+                                "it as: create one, or set TORNADO_PROXY_PG_USER") from None
+
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         kwargs = {}
         if self.run_as:
-            user = pwd.getpwnam(self.run_as)
+            user = self._user()
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         result = subprocess.run(args, capture_output=True, text=True, cwd="/", **kwargs)
         if check and result.returncode != 0:
@@ -55,9 +69,12 @@ class EmbeddedPostgres:
         return result
 
     def _prepare_dir(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmbeddedError(f"cannot create the data folder {self.data_dir}: {exc.strerror}") from None
         if self.run_as:
-            user = pwd.getpwnam(self.run_as)
+            user = self._user()
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
             parent = self.data_dir.parent  # the user must be able to reach the folder
             while parent != parent.parent:
@@ -83,8 +100,12 @@ class EmbeddedPostgres:
                       "-E", "UTF8", "--no-locale", "--no-sync")
         if not self.running():
             options = f"-k {self.data_dir} -c listen_addresses='' -c fsync=on"
-            self._run(find_binary("pg_ctl"), "-D", str(self.data_dir), "-o", options,
-                      "-l", str(self.data_dir / "server.log"), "-w", "-t", "60", "start")
+            server_log = self.data_dir / "server.log"
+            try:
+                self._run(find_binary("pg_ctl"), "-D", str(self.data_dir), "-o", options,
+                          "-l", str(server_log), "-w", "-t", "60", "start")
+            except EmbeddedError as exc:  # pg_ctl only says "Examine the log output": show it
+                raise EmbeddedError(f"{exc}\n{server_log} ends with:\n{log_tail(server_log)}") from None
             self.started_here = True
         return self.dsn
 

@@ -116,9 +116,11 @@ class ModelStore:
         self.environ = environ
 
     async def plan(self, specs: Iterable[ModelSpec]) -> SyncPlan:
+        """The sync diff; against an unmigrated database every model is new (nothing is created)."""
         cipher = require_cipher(self.cipher)
         wanted = [yaml_row(s, cipher) for s in specs]
-        return plan_sync(wanted, await self.db.fetch_models(), cipher)
+        stored = await self.db.fetch_models() if await self.db.has_table("proxy_models") else []
+        return plan_sync(wanted, stored, cipher)
 
     async def apply(self, plan: SyncPlan) -> None:
         await self.db.apply_sync(plan.added + plan.changed, [r.id for r in plan.removed])

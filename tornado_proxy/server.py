@@ -51,6 +51,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
             loop.add_signal_handler(sig, stop.set)
         if state_path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_worker(gw, state_path)))
+            await reload_worker(gw, state_path)  # a reload that happened while this worker was forking
     if announce:
         log_startup_warnings(config, gw.registry)
     await gw.start()
@@ -197,8 +198,9 @@ class Supervisor:
         if pid == 0:
             status = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own handler is in
                 asyncio.run(run_worker(self.config, self.sockets, announce=index == 0,
                                        generation=self.generation, state_path=self.state.path))
                 status = 0
