@@ -16,7 +16,6 @@ from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, 
                      RequestTooLargeError)
 from .providers import PROVIDERS
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply
-from .sse import SseParser
 from .upstream import Transfer
 
 log = logging.getLogger(__name__)
@@ -255,7 +254,7 @@ class LLMHandler(BaseHandler):
     async def relay_stream(self, provider: Provider, d: Deployment, body: dict) -> None:
         request = provider.build_request(d, self.endpoint, body, stream=True)
         timeout, first_byte_timeout = self.timeouts(d)
-        state, parser = StreamState(), SseParser()
+        state, parser = StreamState(), provider.stream_parser()
         transfer = self.transfer = Transfer()
         pending = [0]
 

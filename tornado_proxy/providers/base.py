@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from ..config import Secret
 from ..errors import ProxyError
+from ..sse import SseParser
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class Provider:
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
         raise NotImplementedError
+
+    def stream_parser(self):
+        """What splits the upstream body into events (``feed(bytes) -> [event]``, each with ``.data``):
+        SSE by default; NDJSON providers return their own."""
+        return SseParser()
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
         """One SSE ``data:`` payload from upstream -> the ``data:`` payloads to send on."""
