@@ -44,6 +44,7 @@ setup(
             "pytest-asyncio>=0.24",
             "pytest-timeout>=2.3",
             "openai>=1.40",
+            "anthropic>=0.40",
         ],
     },
     entry_points={"console_scripts": ["proxyctl=tornado_proxy.cli:main"]},

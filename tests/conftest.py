@@ -19,6 +19,9 @@ from tornado.netutil import bind_sockets
 import psycopg2
 import psycopg2.extensions
 
+from contrib.fake_providers import anthropic as anthropic_fake
+from contrib.fake_providers import gemini as gemini_fake
+from contrib.fake_providers import ollama as ollama_fake
 from contrib.fake_providers import openai_compat
 from tornado_proxy import config as config_module
 from tornado_proxy.config import resource_dir
@@ -112,6 +115,40 @@ async def fake_openai():
     server, port, state = await openai_compat.start(openai_compat.FakeState(api_key=PROVIDER_KEY))
     state.port = port
     state.base = f"http://127.0.0.1:{port}/v1"
+    yield state
+    server.stop()
+    await server.close_all_connections()
+
+
+@pytest.fixture
+async def fake_anthropic():
+    """A fake Anthropic API; ``.state`` has the knobs and what it received. ``.base`` is the
+    api_base to configure (Anthropic's paths start with /v1 themselves)."""
+    server, port, state = await anthropic_fake.start(anthropic_fake.FakeState(api_key=PROVIDER_KEY))
+    state.port = port
+    state.base = f"http://127.0.0.1:{port}"
+    yield state
+    server.stop()
+    await server.close_all_connections()
+
+
+@pytest.fixture
+async def fake_gemini():
+    """A fake Gemini API (Google AI Studio); ``.base`` is the api_base to configure (``.../v1beta``)."""
+    server, port, state = await gemini_fake.start(gemini_fake.FakeState(api_key=PROVIDER_KEY))
+    state.port = port
+    state.base = f"http://127.0.0.1:{port}/v1beta"
+    yield state
+    server.stop()
+    await server.close_all_connections()
+
+
+@pytest.fixture
+async def fake_ollama():
+    """A fake Ollama server (no auth, as Ollama); ``.base`` is the api_base to configure."""
+    server, port, state = await ollama_fake.start(ollama_fake.FakeState())
+    state.port = port
+    state.base = f"http://127.0.0.1:{port}"
     yield state
     server.stop()
     await server.close_all_connections()

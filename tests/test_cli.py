@@ -24,7 +24,7 @@ model_list:
   - model_name: gpt
     litellm_params: {model: openai/gpt-4o-mini, api_key: os.environ/OPENAI_API_KEY}
   - model_name: claude
-    litellm_params: {model: anthropic/claude-3-5-sonnet, api_key: sk-ant-xxx}
+    litellm_params: {model: bedrock/anthropic.claude-3-5-sonnet, api_key: sk-ant-xxx}
 general_settings:
   master_key: os.environ/LITELLM_MASTER_KEY
 litellm_settings:
@@ -71,7 +71,7 @@ def test_check_ok_with_summary(runner, config_file):
     assert f"{len(load_default_routes())} routes" in result.output and "4 deployments in 3 model groups" in result.output
     assert "NO MASTER KEY" not in result.output
     # the unsupported provider is reported, not fatal
-    assert "anthropic" in result.output and "claude" in result.output
+    assert "bedrock" in result.output and "claude" in result.output
     assert "litellm_settings.drop_params" in result.output
 
 
@@ -80,7 +80,7 @@ def test_check_warns_without_a_master_key(runner, config_file):
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert any("NO MASTER KEY" in w for w in warnings)
-    assert any("Unsupported provider 'anthropic'" in w for w in warnings)
+    assert any("Unsupported provider 'bedrock'" in w for w in warnings)
 
 
 def test_check_reads_config_file_path(runner, config_file):

@@ -353,8 +353,10 @@ def test_plain_litellm_config_loads_with_the_default_routes(write):
     assert config.settings.timeout == 30.0
     assert config.router_settings["redis_host"] == "localhost"
     registry = build_registry(config.models, config.environ)
-    # azure is not served yet: recorded as a problem, not fatal
-    assert [p for p in registry.problems() if "azure" in p]
+    azure = registry.groups["gpt-3.5-turbo"][0]
+    assert (azure.provider, azure.model, azure.api_base, azure.api_version) == (
+        "azure", "chatgpt-v-2", "https://x.openai.azure.com", "2023-07-01-preview")
+    assert azure.api_key.reveal() == "az" and registry.problems() == []
     assert registry.by_id["my-gpt4"].rpm == 480
 
 

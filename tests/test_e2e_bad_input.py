@@ -161,7 +161,7 @@ async def test_unknown_model_is_400_naming_it(gw, fetch, fake_openai, path, body
 
 @pytest.mark.parametrize("model, provider", [
     ("bedrock/anthropic.claude-v2", "bedrock"),
-    ("azure/my-deployment", "azure"),
+    ("vertex_ai/gemini-pro", "vertex_ai"),
     ("frobnicator/some-model", "frobnicator"),
 ])
 async def test_unsupported_provider_does_not_stop_startup_and_gets_400(gateway, fetch, fake_openai, model,

@@ -9,7 +9,7 @@ import pytest
 
 import orjson
 
-from .conftest import MASTER_KEY, PROVIDER_KEY, error_of
+from .conftest import PROVIDER_KEY, error_of
 
 HELLO = [{"role": "user", "content": "hello db"}]
 

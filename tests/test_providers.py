@@ -9,6 +9,7 @@ import pytest
 from tornado_proxy.config import ModelSpec, Secret
 from tornado_proxy.errors import InvalidRequestError, RateLimitError, UpstreamError, UpstreamTimeoutError
 from tornado_proxy.providers import PROVIDERS, provider_for, split_model
+from tornado_proxy.providers.anthropic import AnthropicProvider
 from tornado_proxy.providers.base import Deployment, StreamState, UpstreamReply
 from tornado_proxy.providers.mock import EMBEDDING_DIMENSIONS, MockProvider
 from tornado_proxy.providers.openai import OpenAIProvider, OpenRouterProvider
@@ -51,7 +52,8 @@ def test_provider_for():
     assert isinstance(provider_for(deployment()), OpenAIProvider)
     assert isinstance(provider_for(deployment("openrouter/openai/gpt-3.5-turbo")), OpenRouterProvider)
     assert isinstance(provider_for(deployment("mock/demo")), MockProvider)
-    assert provider_for(deployment("anthropic/claude-3")) is None
+    assert isinstance(provider_for(deployment("anthropic/claude-3")), AnthropicProvider)
+    assert provider_for(deployment("bedrock/anthropic.claude-3")) is None
 
 
 # --- OpenAIProvider.build_request --------------------------------------------------------

@@ -85,7 +85,7 @@ def test_configured_id_is_kept_as_a_string():
 
 
 @pytest.mark.parametrize("model, provider", [
-    ("anthropic/claude-3-5-sonnet", "anthropic"),
+    ("cohere/command-r", "cohere"),
     ("bedrock/anthropic.claude-v2", "bedrock"),
     ("someday/model-x", "someday"),
 ])

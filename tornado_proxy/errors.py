@@ -30,6 +30,11 @@ class ProxyError(Exception):
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": str(self.status)}}
 
+    def to_anthropic_body(self) -> dict:
+        """The same error as Anthropic's API words it (the ``/v1/messages`` endpoint)."""
+        kind = self.type if self.type in ANTHROPIC_TYPES.values() else anthropic_type(self.status)
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
 
 class InvalidRequestError(ProxyError):
     status = 400
@@ -100,6 +105,26 @@ UPSTREAM_TYPES = {
     422: "unprocessable_entity",
     429: "rate_limit_error",
 }
+
+
+# HTTP status -> the Anthropic error `type` sent with it.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    return ANTHROPIC_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
 
 
 def upstream_error(status: int, message: str, *, param: str | None = None,

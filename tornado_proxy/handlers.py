@@ -3,6 +3,7 @@ scrubbed access log) and the LLM endpoint handlers."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -15,7 +16,8 @@ from .auth import authenticate, authorize
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
                      RequestTooLargeError)
 from .providers import PROVIDERS
-from .providers.base import Deployment, Provider, StreamState, UpstreamReply
+from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
+from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest
 from .upstream import Transfer
 
 log = logging.getLogger(__name__)
@@ -144,7 +146,11 @@ class BaseHandler(tornado.web.RequestHandler):
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps(error.to_body()))
+        self.finish(self.error_body(error))
+
+    def error_body(self, error: ProxyError) -> bytes:
+        """An error as this endpoint's clients read it (OpenAI's shape unless overridden)."""
+        return orjson.dumps(error.to_body())
 
     def log_exception(self, typ, value, tb) -> None:
         # Tornado's default logs repr(self.request), headers and all: that would leak keys.
@@ -180,28 +186,66 @@ class NotFoundHandler(BaseHandler):
     """Every path no route matches: an OpenAI-style 404."""
 
 
+class OpenAIOutput:
+    """How an OpenAI-shaped answer reaches the client of an OpenAI endpoint: unchanged.
+
+    The output hook of ``LLMHandler``: a handler serving another wire format sets
+    ``self.output`` to an object with the same four methods (see ``MessagesHandler``)."""
+
+    @staticmethod
+    def body(data: bytes) -> bytes:
+        return data
+
+    @staticmethod
+    def event(payload: bytes) -> bytes:
+        return b"data: " + payload + b"\n\n"
+
+    @staticmethod
+    def end() -> bytes:
+        return DONE_EVENT
+
+    @staticmethod
+    def error_event(exc: ProxyError) -> bytes:
+        return b"data: " + orjson.dumps(exc.to_body()) + b"\n\n"
+
+
 class LLMHandler(BaseHandler):
     endpoint = "chat"
     streams = True
+    output = OpenAIOutput
 
     async def post(self, **_path) -> None:
         body = self.json_body()
-        self.ctx.model_group = body["model"]
-        d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
-        self.ctx.deployment = d
-        if d.problem:
-            raise InvalidRequestError(d.problem, param="model")
+        d = self.deployment_for(body)
         provider = PROVIDERS[d.provider]
         if "mock_response" in body or d.mock_response is not None:
             provider = PROVIDERS["mock"]
         self.ctx.stream = self.streams and bool(body.get("stream"))
         self.set_model_headers(d)
+        endpoint, body = self.translate(provider, body)
         if provider.local:
-            self.answer_locally(provider, d, body)
+            self.answer_locally(provider, d, endpoint, body)
         elif self.ctx.stream:
-            await self.relay_stream(provider, d, body)
+            await self.relay_stream(provider, d, endpoint, body)
         else:
-            await self.relay(provider, d, body)
+            await self.relay(provider, d, endpoint, body)
+
+    def deployment_for(self, body: dict) -> Deployment:
+        self.ctx.model_group = body["model"]
+        d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
+        self.ctx.deployment = d
+        if d.problem:
+            raise InvalidRequestError(d.problem, param="model")
+        return d
+
+    def translate(self, provider: Provider, body: dict) -> tuple[str, dict]:
+        """The provider endpoint and body for this request. OpenAI endpoints pass both as they
+        are; a handler for another format translates here and sets ``self.output``."""
+        return self.endpoint, body
+
+    def upstream_request(self, provider: Provider, d: Deployment, endpoint: str, body: dict,
+                         stream: bool) -> UpstreamRequest:
+        return provider.build_request(d, endpoint, body, stream=stream)
 
     def set_model_headers(self, d: Deployment) -> None:
         self.set_header("x-litellm-model-id", d.id)
@@ -218,32 +262,32 @@ class LLMHandler(BaseHandler):
         timeout = d.timeout or settings.timeout
         return timeout, (d.stream_timeout or settings.stream_timeout or timeout)
 
-    def answer_locally(self, provider: Provider, d: Deployment, body: dict) -> None:
+    def answer_locally(self, provider: Provider, d: Deployment, endpoint: str, body: dict) -> None:
         if not self.ctx.stream:
-            reply = provider.respond(d, self.endpoint, body)
+            reply = provider.respond(d, endpoint, body)
             self.ctx.usage = reply.usage
             self.set_duration_headers()
             self.set_header("Content-Type", "application/json")
-            self.finish(reply.body)
+            self.finish(self.output.body(reply.body))
             return
-        chunks, usage = provider.stream(d, self.endpoint, body)
+        chunks, usage = provider.stream(d, endpoint, body)
         self.ctx.usage = usage
         self.start_event_stream()
-        self.write(b"".join(b"data: " + c + b"\n\n" for c in chunks) + DONE_EVENT)
+        self.write(b"".join(self.output.event(c) for c in chunks) + self.output.end())
         self.finish()
 
-    async def relay(self, provider: Provider, d: Deployment, body: dict) -> None:
-        request = provider.build_request(d, self.endpoint, body, stream=False)
+    async def relay(self, provider: Provider, d: Deployment, endpoint: str, body: dict) -> None:
+        request = self.upstream_request(provider, d, endpoint, body, stream=False)
         started = time.perf_counter()
         reply = await self.gw.upstream.fetch(request, self.timeouts(d)[0])
         self.ctx.upstream_s = time.perf_counter() - started
         if not 200 <= reply.status < 300:
             raise provider.parse_error(reply, d)
-        response = provider.parse_response(self.endpoint, reply)
+        response = provider.parse_response(endpoint, reply)
         self.ctx.usage = response.usage
         self.set_duration_headers()
         self.set_header("Content-Type", "application/json")
-        self.finish(response.body)
+        self.finish(self.output.body(response.body))
 
     def start_event_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream")
@@ -251,12 +295,14 @@ class LLMHandler(BaseHandler):
         self.set_header("X-Accel-Buffering", "no")
         self.set_duration_headers()
 
-    async def relay_stream(self, provider: Provider, d: Deployment, body: dict) -> None:
-        request = provider.build_request(d, self.endpoint, body, stream=True)
+    async def relay_stream(self, provider: Provider, d: Deployment, endpoint: str, body: dict) -> None:
+        request = self.upstream_request(provider, d, endpoint, body, stream=True)
         timeout, first_byte_timeout = self.timeouts(d)
-        state, parser = StreamState(), provider.stream_parser()
+        state = StreamState(include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+        parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
         pending = [0]
+        render = self.output.event
 
         def on_head(t: Transfer) -> None:
             if t.ok:
@@ -265,8 +311,8 @@ class LLMHandler(BaseHandler):
                 self.send(b"")
 
         def on_chunk(chunk: bytes) -> None:
-            out = [b"data: " + data + b"\n\n" for event in parser.feed(chunk)
-                   for data in provider.parse_event(self.endpoint, event.data, state)]
+            out = [render(data) for event in parser.feed(chunk)
+                   for data in provider.parse_event(endpoint, event.data, state)]
             if out:
                 self.send(b"".join(out))
 
@@ -302,12 +348,15 @@ class LLMHandler(BaseHandler):
             raise provider.parse_error(UpstreamReply(transfer.status or 502, transfer.headers,
                                                      bytes(transfer.error_body)), d)
         on_chunk(b"\n\n")  # dispatch an unterminated final event, if any
-        self.send(DONE_EVENT)
+        if state.error is not None:  # the provider said so inside the stream
+            self.end_stream_with_error(state.error)
+            return
+        self.send(self.output.end())
         self.finish()
 
     def end_stream_with_error(self, exc: ProxyError) -> None:
         log.warning("call %s: upstream failed mid-stream: %s", self.ctx.call_id, exc.message)
-        self.write(b"data: " + orjson.dumps(exc.to_body()) + b"\n\n")
+        self.write(self.output.error_event(exc))
         self.finish()
 
     def on_connection_close(self) -> None:
@@ -332,8 +381,69 @@ class EmbeddingsHandler(LLMHandler):
     streams = False
 
 
+@tornado.web.stream_request_body
+class MessagesHandler(LLMHandler):
+    """``POST /v1/messages``: the Anthropic Messages API for every model. ``anthropic/`` models
+    get the body as it came (model rewritten) and their reply or event stream goes back as is;
+    any other model is called with the OpenAI translation of the request and its answer is
+    rewritten as an Anthropic message or event stream. Errors are in Anthropic's shape."""
+
+    endpoint = "messages"
+    # What a pass-through call takes from the client: the body is in the client's API version.
+    FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+
+    def translate(self, provider: Provider, body: dict) -> tuple[str, dict]:
+        if self.endpoint in provider.passthrough_endpoints:
+            self.output = PassThroughOutput
+            return self.endpoint, body
+        self.output = TranslatedOutput(body["model"])
+        return "chat", to_openai_request(body)
+
+    def upstream_request(self, provider: Provider, d: Deployment, endpoint: str, body: dict,
+                         stream: bool) -> UpstreamRequest:
+        request = super().upstream_request(provider, d, endpoint, body, stream)
+        if endpoint not in provider.passthrough_endpoints:
+            return request
+        headers = self.request.headers
+        forwarded = {name: headers[name] for name in self.FORWARDED_HEADERS if name in headers}
+        return dataclasses.replace(request, headers={**request.headers, **forwarded}) if forwarded else request
+
+    def error_body(self, error: ProxyError) -> bytes:
+        return orjson.dumps(error.to_anthropic_body())
+
+
+@tornado.web.stream_request_body
+class MessagesCountTokensHandler(MessagesHandler):
+    """``POST /v1/messages/count_tokens``: asked of Anthropic for ``anthropic/`` models, counted
+    in-process where the provider's own count is known (``mock/``), and otherwise a 400: a
+    tokenizer guess for another vendor's model would be a made-up number."""
+
+    endpoint = "count_tokens"
+    streams = False
+
+    async def post(self, **_path) -> None:
+        body = self.json_body()
+        d = self.deployment_for(body)
+        provider = PROVIDERS[d.provider]
+        self.set_model_headers(d)
+        if self.endpoint in provider.passthrough_endpoints:
+            self.output = PassThroughOutput
+            await self.relay(provider, d, self.endpoint, body)
+            return
+        tokens = provider.count_tokens(d, to_openai_request(body))
+        if tokens is None:
+            raise InvalidRequestError(
+                f"count_tokens is not available for model={body['model']}: its provider '{d.provider}' has no "
+                "token-counting API and the gateway does not guess. It is answered for anthropic/ and mock/ "
+                "models.", param="model")
+        self.set_duration_headers()
+        self.write_json({"input_tokens": tokens})
+
+
 HANDLERS = {
     "chat_completions": ChatCompletionsHandler,
     "completions": CompletionsHandler,
     "embeddings": EmbeddingsHandler,
+    "messages": MessagesHandler,
+    "messages_count_tokens": MessagesCountTokensHandler,
 }

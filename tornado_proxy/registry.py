@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # litellm_params that are request defaults (the client's own value wins).
 DEFAULT_REQUEST_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "frequency_penalty",
                           "presence_penalty", "stop", "seed", "response_format", "reasoning_effort", "user")
-NEEDS_API_BASE = ("hosted_vllm", "openai_like")
+NEEDS_API_BASE = ("hosted_vllm", "openai_like", "azure")
 
 
 def number(params: Mapping[str, Any], name: str, kind: type, where: str):
@@ -54,7 +54,7 @@ def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = 
     return Deployment(
         id=info["id"], model_name=spec.model_name, provider=provider_name, model=model,
         api_base=api_base, api_key=Secret(str(api_key)) if api_key else None,
-        api_version=params.get("api_version"),
+        api_version=params.get("api_version") or defaults.api_version,
         weight=1.0 if weight is None else weight,  # 0 is a real weight: tried last
         rpm=number(params, "rpm", int, where), tpm=number(params, "tpm", int, where),
         order=number(params, "order", int, where),

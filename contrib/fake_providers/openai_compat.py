@@ -1,5 +1,10 @@
 """A fake OpenAI-compatible provider (api.openai.com / openrouter.ai wire format) on Tornado.
 
+Azure OpenAI paths (``/openai/deployments/<name>/...``) behave as Azure does: the model comes
+from the path, ``api-version`` is required (404 "Resource not found" without it), a wrong key
+gets Azure's 401 body, and chat replies carry ``prompt_filter_results`` (a stream opens with a
+chunk that has no choices, only those results).
+
 Tests start it in-process with `await start(FakeState(...))`, turn the knobs on the returned
 state and assert on `state.received`. The benchmark runs it standalone:
 
@@ -51,6 +56,16 @@ BAD_JSON = (
     "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
     "sent was not valid JSON.)"
 )
+# Azure's own error bodies: {"error": {"code", "message"}}.
+AZURE_ERRORS = {
+    401: "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid "
+         "key for an active subscription and use a correct regional API endpoint for your resource.",
+    404: "Resource not found",
+    429: "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have "
+         "exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 1 second.",
+}
+AZURE_FILTER = {"hate": {"filtered": False, "severity": "safe"}, "self_harm": {"filtered": False, "severity": "safe"},
+                "sexual": {"filtered": False, "severity": "safe"}, "violence": {"filtered": False, "severity": "safe"}}
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
@@ -161,6 +176,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.body: dict = {}
         self.streaming = False
         self.include_usage = False
+        self.azure = "/openai/deployments/" in self.request.path
         self.wake: asyncio.Future | None = None  # set while pausing; a disconnect resolves it
 
     def set_default_headers(self) -> None:
@@ -172,6 +188,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def fail(self, status: int, message: str | None = None, **kw) -> None:
         self.set_status(status)
+        if self.azure and status in AZURE_ERRORS:
+            return self.finish(orjson.dumps({"error": {"code": str(status), "message": AZURE_ERRORS[status]}}))
         self.finish(error_body(status, message, **kw))
 
     def write_error(self, status_code: int, **kwargs) -> None:
@@ -199,6 +217,8 @@ class BaseHandler(tornado.web.RequestHandler):
                 return self.fail(401, NO_KEY, code=None)
             if key != state.api_key:
                 return self.fail(401)  # never echo the presented key
+        if self.azure and not self.get_query_argument("api-version", None):
+            return self.fail(404)
         if state.fail_times > 0:
             state.fail_times -= 1
             retry_after = state.retry_after or ("1" if state.fail_status == 429 else None)
@@ -307,7 +327,12 @@ class ChatCompletionsHandler(BaseHandler):
         if not self.streaming:
             choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
                        for i in range(n)]
-            return self.send_json({**envelope("chat.completion"), "choices": choices, "usage": use})
+            reply = {**envelope("chat.completion"), "choices": choices, "usage": use}
+            if self.azure:
+                reply["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": AZURE_FILTER}]
+                for choice in choices:
+                    choice["content_filter_results"] = AZURE_FILTER
+            return self.send_json(reply)
 
         def chunk(i: int, delta: dict, finish_reason: str | None = None) -> dict:
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -325,6 +350,9 @@ class ChatCompletionsHandler(BaseHandler):
         tail = [chunk(i, {}, finish) for i in range(n)]
         if self.include_usage:
             tail.append({**envelope("chat.completion.chunk"), "choices": [], "usage": use})
+        if self.azure:
+            head.insert(0, {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": AZURE_FILTER}]})
         await self.send_stream(head, content, tail)
 
 

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from .anthropic import AnthropicProvider
 from .base import Deployment, Provider
+from .gemini import GeminiProvider
 from .mock import MockProvider
-from .openai import COMPATIBLE, OpenAIProvider, OpenRouterProvider
+from .ollama import OllamaChatProvider, OllamaProvider
+from .openai import COMPATIBLE, AzureProvider, OpenAIProvider, OpenRouterProvider
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OpenAIProvider(),
     "openrouter": OpenRouterProvider(),
     "mock": MockProvider(),
+    "azure": AzureProvider(),
+    "gemini": GeminiProvider(),
+    "ollama": OllamaProvider(),
+    "ollama_chat": OllamaChatProvider(),
+    "anthropic": AnthropicProvider(),
     **{name: cls() for name, cls in COMPATIBLE.items()},
 }
 # Prefixes LiteLLM knows that this gateway does not serve yet: a deployment using one is
 # reported at start-up and answered with a 400, never fatal.
-KNOWN_ELSEWHERE = ("anthropic", "azure", "azure_ai", "gemini", "vertex_ai", "bedrock", "ollama", "ollama_chat",
-                   "cohere", "huggingface", "replicate", "sagemaker", "watsonx", "databricks", "cloudflare")
+KNOWN_ELSEWHERE = ("azure_ai", "vertex_ai", "bedrock", "cohere", "huggingface", "replicate", "sagemaker",
+                   "watsonx", "databricks", "cloudflare")
 
 
 def split_model(model: str, custom_provider: str | None = None) -> tuple[str, str]:

@@ -41,6 +41,7 @@ class Deployment:
 class ProviderDefaults:
     api_base: str | None = None
     api_key: str | None = None
+    api_version: str | None = None   # Azure's api-version query parameter
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -74,6 +75,8 @@ class StreamState:
     usage: dict | None = None
     done: bool = False
     chunks: int = 0
+    include_usage: bool = False      # the client asked for stream_options.include_usage
+    error: ProxyError | None = None  # the provider reported an error inside the stream
     extra: dict = field(default_factory=dict)
 
 
@@ -82,6 +85,9 @@ class Provider:
 
     name = "base"
     local = False  # True: answered in-process, nothing goes upstream
+    # Endpoints whose client format is this provider's own wire format (``/v1/messages`` for
+    # Anthropic): the body is passed through, not translated from OpenAI's.
+    passthrough_endpoints: frozenset[str] = frozenset()
 
     def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
         """What a deployment of this provider uses when its config gives nothing."""
@@ -104,3 +110,8 @@ class Provider:
 
     def parse_error(self, reply: UpstreamReply, d: Deployment) -> ProxyError:
         raise NotImplementedError
+
+    def count_tokens(self, d: Deployment, body: dict) -> int | None:
+        """The input tokens of an OpenAI chat request as this provider would bill them, when
+        that can be known without calling it; None when it cannot."""
+        return None

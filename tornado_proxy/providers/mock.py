@@ -83,6 +83,9 @@ class MockProvider(Provider):
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
             "model": d.model, "choices": choices, "usage": usage, "system_fingerprint": None}), usage)
 
+    def count_tokens(self, d: Deployment, body: dict) -> int:
+        return self.prompt_tokens("chat", body)
+
     def usage(self, endpoint: str, body: dict, text: str) -> dict:
         prompt, completion = self.prompt_tokens(endpoint, body), words(text)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

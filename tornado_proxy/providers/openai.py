@@ -1,10 +1,12 @@
-"""OpenAI and every OpenAI-compatible server (OpenRouter, vLLM, Groq, DeepSeek, Together,
-Mistral, ...). The differences between them are data: default base URL, key variable, extra
-headers and parameter renames."""
+"""OpenAI and every OpenAI-compatible server (OpenRouter, Azure OpenAI, vLLM, Groq, DeepSeek,
+Together, Mistral, ...). The differences between them are data: default base URL, key variable,
+path template, auth header, api-version query, extra headers and parameter renames."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
+from urllib.parse import quote
 
 import orjson
 
@@ -45,10 +47,11 @@ class OpenAIProvider(Provider):
             if old in out:
                 out[new] = out.pop(old)
         out["model"] = d.model
-        headers = {"Content-Type": "application/json", **d.extra_headers}
-        if d.api_key:
-            headers["Authorization"] = "Bearer " + d.api_key.reveal()
+        headers = {"Content-Type": "application/json", **d.extra_headers, **self.auth_headers(d)}
         return UpstreamRequest(self.url(d, endpoint), "POST", headers, orjson.dumps(out))
+
+    def auth_headers(self, d: Deployment) -> dict[str, str]:
+        return {"Authorization": "Bearer " + d.api_key.reveal()} if d.api_key else {}
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
         try:
@@ -114,6 +117,51 @@ class OpenRouterProvider(OpenAIProvider):
     def headers(self, environ: Mapping[str, str]) -> dict[str, str]:
         return {"HTTP-Referer": environ.get("OR_SITE_URL") or "https://litellm.ai",
                 "X-Title": environ.get("OR_APP_NAME") or "liteLLM"}
+
+
+# The newest generally available version of Azure OpenAI's dated data-plane API; preview
+# versions (and "v1"/"latest"/"preview", the v1 API) are chosen per deployment or AZURE_API_VERSION.
+AZURE_API_VERSION = "2024-10-21"
+AZURE_V1_VERSIONS = ("v1", "latest", "preview")
+
+
+class AzureProvider(OpenAIProvider):
+    """``azure/<deployment>``: the deployment is in the path, the key in ``api-key``, the API
+    version in the query string; the body is OpenAI's (Azure ignores ``model``)."""
+
+    name = "azure"
+    default_base = None
+    key_envs = ("AZURE_API_KEY", "AZURE_OPENAI_API_KEY")
+    base_envs = ("AZURE_API_BASE", "AZURE_OPENAI_ENDPOINT")
+
+    def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
+        return dataclasses.replace(super().defaults(environ),
+                                   api_version=environ.get("AZURE_API_VERSION") or AZURE_API_VERSION)
+
+    def url(self, d: Deployment, endpoint: str) -> str:
+        base = (d.api_base or "").rstrip("/")
+        base = base.removesuffix("/openai")  # "https://x.openai.azure.com/openai" works too
+        version = d.api_version or AZURE_API_VERSION
+        if version in AZURE_V1_VERSIONS:  # the v1 API: no deployment in the path, model in the body
+            url = f"{base}/openai/v1{ENDPOINT_PATHS[endpoint]}"
+            return url + "?api-version=preview" if version == "preview" else url
+        return (f"{base}/openai/deployments/{quote(d.model, safe='')}{ENDPOINT_PATHS[endpoint]}"
+                f"?api-version={quote(version, safe='')}")
+
+    def auth_headers(self, d: Deployment) -> dict[str, str]:
+        return {"api-key": d.api_key.reveal()} if d.api_key else {}
+
+    def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
+        # Azure opens a stream with a chunk that has no choices, only prompt_filter_results;
+        # OpenAI clients that read choices[0] of every chunk break on it, so it is dropped.
+        if b'"prompt_filter_results"' in data:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                chunk = None
+            if isinstance(chunk, dict) and not chunk.get("choices") and not chunk.get("usage"):
+                return []
+        return super().parse_event(endpoint, data, state)
 
 
 def compatible(name: str, base: str | None, key_envs: tuple[str, ...], base_envs: tuple[str, ...] = (),
