@@ -26,7 +26,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROXYCTL = ROOT / "bin" / "proxyctl"
-FAKE = ROOT / "contrib" / "fake_providers" / "openai_compat.py"
 MASTER_KEY = "sk-master-e2e-serve-31415"
 PROVIDER_KEY = "sk-provider-e2e-serve-27182"
 HELLO = [{"role": "user", "content": "hello over processes"}]
@@ -104,12 +103,13 @@ def refused(port: int) -> bool:
 
 
 class FakeProvider:
-    """contrib/fake_providers/openai_compat.py run standalone."""
+    """The fake OpenAI provider run standalone (python -m contrib.fake_providers.openai_compat)."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(FAKE), "--port", "0", "--api-key", PROVIDER_KEY, *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "contrib.fake_providers.openai_compat", "--port", "0",
+                                      "--api-key", PROVIDER_KEY, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(),
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=ROOT)
         ready, _, _ = select.select([self.proc.stdout], [], [], 15)
         line = self.proc.stdout.readline() if ready else b""
         if not line.strip().isdigit():

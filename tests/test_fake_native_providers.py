@@ -170,11 +170,11 @@ async def test_azure_needs_api_version_and_key(served, http):
 # --- standalone -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script,path,body", [
-    ("gemini.py", "/v1beta/models/gemini-2.0-flash:generateContent", HELLO),
-    ("ollama.py", "/api/chat", {**CHAT, "stream": False}),
+    ("gemini", "/v1beta/models/gemini-2.0-flash:generateContent", HELLO),
+    ("ollama", "/api/chat", {**CHAT, "stream": False}),
 ])
 async def test_standalone(http, script, path, body):
-    proc = await asyncio.create_subprocess_exec(sys.executable, f"contrib/fake_providers/{script}", "--port", "0",
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", f"contrib.fake_providers.{script}", "--port", "0",
                                                 stdout=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         port = int(await asyncio.wait_for(proc.stdout.readline(), 10))

@@ -241,7 +241,7 @@ async def test_client_disconnect_marks_stream_aborted(fake, client):
 
 async def test_standalone_prints_port_and_serves():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "contrib/fake_providers/openai_compat.py", "--port", "0", "--chunks", "5",
+        sys.executable, "-m", "contrib.fake_providers.openai_compat", "--port", "0", "--chunks", "5",
         stdout=asyncio.subprocess.PIPE, cwd=ROOT)
     try:
         port = int(await asyncio.wait_for(proc.stdout.readline(), 10))

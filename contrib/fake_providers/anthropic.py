@@ -12,12 +12,11 @@ Replies: "echo: " + the last user message's text, or a ``tool_use`` per city nam
 none) when tools are offered and the last user message mentions the weather, after a short
 text block, as Claude does. ``stop_sequences`` and ``max_tokens`` (one token per word) cut the
 reply with the right ``stop_reason``. Tests start it with ``await start(FakeState(...))``;
-standalone: ``python contrib/fake_providers/anthropic.py --port 9002``.
+standalone: ``python -m contrib.fake_providers.anthropic --port 9002``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import uuid
@@ -25,9 +24,10 @@ from dataclasses import dataclass, field
 
 import orjson
 import tornado.httpserver
-import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
+
+from .common import listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 CITIES = ("Paris", "London", "Tokyo")
@@ -365,34 +365,15 @@ async def start(state: FakeState | None = None, port: int = 0, host: str = "127.
                 ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
     """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
     state = state if state is not None else FakeState()
-    sockets = tornado.netutil.bind_sockets(port, host)
-    server = tornado.httpserver.HTTPServer(make_app(state))
-    server.add_sockets(sockets)
-    return server, sockets[0].getsockname()[1], state
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Fake Anthropic API.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--latency", type=float, default=0.0)
-    p.add_argument("--chunk-delay", type=float, default=0.0)
-    p.add_argument("--api-key", default=None, help="require this x-api-key")
-    return p.parse_args(argv)
-
-
-async def serve(args: argparse.Namespace) -> None:
-    state = FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay, record=False)
-    _, port, _ = await start(state, args.port, args.host)
-    print(port, flush=True)
-    await asyncio.Event().wait()
+    server, port = listen(make_app(state), port, host)
+    return server, port, state
 
 
 def main(argv=None) -> None:
-    try:
-        asyncio.run(serve(args=parse_args(argv)))
-    except KeyboardInterrupt:
-        pass
+    p = standalone_parser("Fake Anthropic API.")
+    p.add_argument("--api-key", default=None, help="require this x-api-key")
+    args = p.parse_args(argv)
+    run_standalone(lambda: make_app(FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay, record=False)), args)
 
 
 if __name__ == "__main__":

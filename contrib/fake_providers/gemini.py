@@ -16,12 +16,11 @@ Replies: "echo: " + the last user turn's text (or the last function response's c
 given and the last user text mentions the weather. ``maxOutputTokens`` (one token per word) cuts
 the reply with MAX_TOKENS, ``candidateCount`` gives that many candidates, a JSON
 ``responseMimeType`` wraps the text in a JSON object. Tests start it with
-``await start(FakeState(...))``; standalone: ``python contrib/fake_providers/gemini.py --port 9003``.
+``await start(FakeState(...))``; standalone: ``python -m contrib.fake_providers.gemini --port 9003``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import re
@@ -31,9 +30,10 @@ from dataclasses import dataclass, field
 
 import orjson
 import tornado.httpserver
-import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
+
+from .common import listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -445,34 +445,15 @@ async def start(state: FakeState | None = None, port: int = 0, host: str = "127.
                 ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
     """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
     state = state if state is not None else FakeState()
-    sockets = tornado.netutil.bind_sockets(port, host)
-    server = tornado.httpserver.HTTPServer(make_app(state))
-    server.add_sockets(sockets)
-    return server, sockets[0].getsockname()[1], state
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Fake Gemini API (Google AI Studio).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--latency", type=float, default=0.0, help="seconds before the reply / first event")
-    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream events")
-    p.add_argument("--api-key", default=None, help="require this key (x-goog-api-key or ?key=)")
-    return p.parse_args(argv)
-
-
-async def serve(args: argparse.Namespace) -> None:
-    state = FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay, record=False)
-    _, port, _ = await start(state, args.port, args.host)
-    print(port, flush=True)
-    await asyncio.Event().wait()
+    server, port = listen(make_app(state), port, host)
+    return server, port, state
 
 
 def main(argv=None) -> None:
-    try:
-        asyncio.run(serve(args=parse_args(argv)))
-    except KeyboardInterrupt:
-        pass
+    p = standalone_parser("Fake Gemini API (Google AI Studio).")
+    p.add_argument("--api-key", default=None, help="require this key (x-goog-api-key or ?key=)")
+    args = p.parse_args(argv)
+    run_standalone(lambda: make_app(FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay, record=False)), args)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ content of the last tool message after a tool call, or a tool call of the first 
 ``{"location": "Paris"}`` when tools are given and the last user message mentions the weather.
 ``options.num_predict`` (one token per word) cuts the reply with ``done_reason: "length"``;
 ``format`` wraps it in a JSON object. Tests start it with ``await start(FakeState(...))``;
-standalone: ``python contrib/fake_providers/ollama.py --port 11434``.
+standalone: ``python -m contrib.fake_providers.ollama --port 11434``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -32,9 +31,10 @@ from datetime import datetime, timezone
 
 import orjson
 import tornado.httpserver
-import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
+
+from .common import listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -369,33 +369,14 @@ async def start(state: FakeState | None = None, port: int = 0, host: str = "127.
                 ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
     """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
     state = state if state is not None else FakeState()
-    sockets = tornado.netutil.bind_sockets(port, host)
-    server = tornado.httpserver.HTTPServer(make_app(state))
-    server.add_sockets(sockets)
-    return server, sockets[0].getsockname()[1], state
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Fake Ollama server.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--latency", type=float, default=0.0, help="seconds before the reply / first line")
-    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream lines")
-    return p.parse_args(argv)
-
-
-async def serve(args: argparse.Namespace) -> None:
-    state = FakeState(latency=args.latency, chunk_delay=args.chunk_delay, record=False)
-    _, port, _ = await start(state, args.port, args.host)
-    print(port, flush=True)
-    await asyncio.Event().wait()
+    server, port = listen(make_app(state), port, host)
+    return server, port, state
 
 
 def main(argv=None) -> None:
-    try:
-        asyncio.run(serve(parse_args(argv)))
-    except KeyboardInterrupt:
-        pass
+    p = standalone_parser("Fake Ollama server.")
+    args = p.parse_args(argv)
+    run_standalone(lambda: make_app(FakeState(latency=args.latency, chunk_delay=args.chunk_delay, record=False)), args)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ chunk that has no choices, only those results).
 Tests start it in-process with `await start(FakeState(...))`, turn the knobs on the returned
 state and assert on `state.received`. The benchmark runs it standalone:
 
-    python contrib/fake_providers/openai_compat.py --port 9001 --latency 0.05 --chunks 20
+    python -m contrib.fake_providers.openai_compat --port 9001 --latency 0.05 --chunks 20
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
@@ -25,9 +24,10 @@ from dataclasses import dataclass, field
 
 import orjson
 import tornado.httpserver
-import tornado.netutil
 import tornado.web
 from tornado.iostream import StreamClosedError
+
+from .common import listen, run_standalone, standalone_parser
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 FINGERPRINT = "fp_fake00001"
@@ -433,40 +433,21 @@ def make_app(state: FakeState) -> tornado.web.Application:
 
 async def start(state: FakeState | None = None, port: int = 0, host: str = "127.0.0.1"
                 ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
-    """Start the fake on `host:port` (0 = a free port); returns (server, port, state)."""
+    """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
     state = state if state is not None else FakeState()
-    sockets = tornado.netutil.bind_sockets(port, host)
-    server = tornado.httpserver.HTTPServer(make_app(state))
-    server.add_sockets(sockets)
-    return server, sockets[0].getsockname()[1], state
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Fake OpenAI-compatible provider.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--latency", type=float, default=0.0, help="seconds before the reply / first chunk")
-    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream chunks")
-    p.add_argument("--chunks", type=int, default=None, help='content chunks of "tok " per stream')
-    p.add_argument("--api-key", default=None, help="require this bearer key")
-    p.add_argument("--openrouter-comments", action="store_true")
-    return p.parse_args(argv)
-
-
-async def serve(args: argparse.Namespace) -> None:
-    state = FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay,
-                      stream_chunks=args.chunks, openrouter_comments=args.openrouter_comments,
-                      record=False)
-    _, port, _ = await start(state, args.port, args.host)
-    print(port, flush=True)
-    await asyncio.Event().wait()
+    server, port = listen(make_app(state), port, host)
+    return server, port, state
 
 
 def main(argv=None) -> None:
-    try:
-        asyncio.run(serve(parse_args(argv)))
-    except KeyboardInterrupt:
-        pass
+    p = standalone_parser("Fake OpenAI-compatible provider.")
+    p.add_argument("--chunks", type=int, default=None, help='content chunks of "tok " per stream')
+    p.add_argument("--api-key", default=None, help="require this bearer key")
+    p.add_argument("--openrouter-comments", action="store_true")
+    args = p.parse_args(argv)
+    run_standalone(lambda: make_app(FakeState(api_key=args.api_key, latency=args.latency, chunk_delay=args.chunk_delay,
+                               stream_chunks=args.chunks, openrouter_comments=args.openrouter_comments,
+                               record=False)), args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""What every fake provider shares: listening on a (free) loopback port, and the standalone
+command line (`python -m contrib.fake_providers.<name> --port N ...`, which prints the port)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+
+def listen(app: tornado.web.Application, port: int = 0, host: str = "127.0.0.1"
+           ) -> tuple[tornado.httpserver.HTTPServer, int]:
+    """Serve ``app`` on ``host:port`` (0 = a free port); returns (server, actual port)."""
+    sockets = tornado.netutil.bind_sockets(port, host)
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    return server, sockets[0].getsockname()[1]
+
+
+def standalone_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before the reply / first stream event")
+    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between stream events")
+    return p
+
+
+def run_standalone(make_app, args: argparse.Namespace) -> None:
+    """Serve until interrupted; prints the port first (the benchmark and tests read it)."""
+
+    async def serve() -> None:
+        _, port = listen(make_app(), args.port, args.host)
+        print(port, flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
