@@ -17,7 +17,6 @@ standalone: ``python -m contrib.fake_providers.anthropic --port 9002``.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import listen, run_standalone, standalone_parser
+from .common import FakeHandler, listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 CITIES = ("Paris", "London", "Tokyo")
@@ -147,12 +146,10 @@ def check_messages(messages) -> None:
         pending_tool_ids = {b.get("id") for b in blocks if b.get("type") == "tool_use"}
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class BaseHandler(FakeHandler):
     def initialize(self, state: FakeState) -> None:
-        self.state = state
+        super().initialize(state)
         self.body: dict = {}
-        self.streaming = False
-        self.wake: asyncio.Future | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("content-type", "application/json")
@@ -205,22 +202,6 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def check(self, body: dict) -> None:
         raise NotImplementedError
-
-    async def pause(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.wake = loop.create_future()
-        timer = loop.call_later(seconds, lambda: self.wake.done() or self.wake.set_result(None))
-        try:
-            await self.wake
-        finally:
-            timer.cancel()
-
-    def on_connection_close(self) -> None:
-        if self.wake is not None and not self.wake.done():
-            self.wake.set_result(None)
-        if self.streaming:
-            self.state.stream_aborted = True
-            self.streaming = False
 
 
 class MessagesHandler(BaseHandler):

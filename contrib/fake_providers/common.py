@@ -11,6 +11,32 @@ import tornado.netutil
 import tornado.web
 
 
+class FakeHandler(tornado.web.RequestHandler):
+    """Base of every fake's handlers: knob-driven pauses that end early when the client goes
+    away, and ``state.stream_aborted`` set when a client leaves a stream unfinished."""
+
+    def initialize(self, state) -> None:
+        self.state = state
+        self.streaming = False
+        self.wake: asyncio.Future | None = None
+
+    async def pause(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.wake = loop.create_future()
+        timer = loop.call_later(seconds, lambda: self.wake.done() or self.wake.set_result(None))
+        try:
+            await self.wake
+        finally:
+            timer.cancel()
+
+    def on_connection_close(self) -> None:
+        if self.wake is not None and not self.wake.done():
+            self.wake.set_result(None)
+        if self.streaming:
+            self.state.stream_aborted = True
+            self.streaming = False
+
+
 def listen(app: tornado.web.Application, port: int = 0, host: str = "127.0.0.1"
            ) -> tuple[tornado.httpserver.HTTPServer, int]:
     """Serve ``app`` on ``host:port`` (0 = a free port); returns (server, actual port)."""

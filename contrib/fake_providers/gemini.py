@@ -21,7 +21,6 @@ the reply with MAX_TOKENS, ``candidateCount`` gives that many candidates, a JSON
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import struct
@@ -33,7 +32,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import listen, run_standalone, standalone_parser
+from .common import FakeHandler, listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -222,12 +221,10 @@ def echo_of(body: dict) -> str:
     return ""
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class BaseHandler(FakeHandler):
     def initialize(self, state: FakeState) -> None:
-        self.state = state
+        super().initialize(state)
         self.body: dict = {}
-        self.streaming = False
-        self.wake: asyncio.Future | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("content-type", "application/json; charset=UTF-8")
@@ -278,22 +275,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self.body = body
         if state.latency:
             await self.pause(state.latency)
-
-    async def pause(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.wake = loop.create_future()
-        timer = loop.call_later(seconds, lambda: self.wake.done() or self.wake.set_result(None))
-        try:
-            await self.wake
-        finally:
-            timer.cancel()
-
-    def on_connection_close(self) -> None:
-        if self.wake is not None and not self.wake.done():
-            self.wake.set_result(None)
-        if self.streaming:
-            self.state.stream_aborted = True
-            self.streaming = False
 
 
 class ModelHandler(BaseHandler):

@@ -20,7 +20,6 @@ standalone: ``python -m contrib.fake_providers.ollama --port 11434``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -34,7 +33,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import listen, run_standalone, standalone_parser
+from .common import FakeHandler, listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -142,12 +141,10 @@ def tool_to_call(body: dict) -> str | None:
     return (tools[0].get("function") or {}).get("name", "tool")
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class BaseHandler(FakeHandler):
     def initialize(self, state: FakeState) -> None:
-        self.state = state
+        super().initialize(state)
         self.body: dict = {}
-        self.streaming = False
-        self.wake: asyncio.Future | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("content-type", "application/json; charset=utf-8")
@@ -196,22 +193,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self.streaming = body.get("stream", True) is not False  # Ollama streams by default
         if state.latency:
             await self.pause(state.latency)
-
-    async def pause(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.wake = loop.create_future()
-        timer = loop.call_later(seconds, lambda: self.wake.done() or self.wake.set_result(None))
-        try:
-            await self.wake
-        finally:
-            timer.cancel()
-
-    def on_connection_close(self) -> None:
-        if self.wake is not None and not self.wake.done():
-            self.wake.set_result(None)
-        if self.streaming:
-            self.state.stream_aborted = True
-            self.streaming = False
 
     def pieces(self, echo: str) -> tuple[list[str], str]:
         """The reply split in stream pieces (one token per word), and the done_reason."""

@@ -13,7 +13,6 @@ state and assert on `state.received`. The benchmark runs it standalone:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import re
@@ -27,7 +26,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import listen, run_standalone, standalone_parser
+from .common import FakeHandler, listen, run_standalone, standalone_parser
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 FINGERPRINT = "fp_fake00001"
@@ -163,21 +162,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class BaseHandler(tornado.web.RequestHandler):
+class BaseHandler(FakeHandler):
     """Records, authenticates, injects failures and parses JSON; owns error bodies and SSE."""
 
     def initialize(self, state: FakeState) -> None:
-        self.state = state
+        super().initialize(state)
         self.body: dict = {}
-        self.streaming = False
         self.include_usage = False
         self.azure = "/openai/deployments/" in self.request.path
-        self.wake: asyncio.Future | None = None  # set while pausing; a disconnect resolves it
 
     def set_default_headers(self) -> None:
         self.set_header("content-type", "application/json")
@@ -237,23 +229,6 @@ class BaseHandler(tornado.web.RequestHandler):
             self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if state.latency:
             await self.pause(state.latency)
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep, but wake at once if the client disconnects (no handler outlives its client)."""
-        loop = asyncio.get_running_loop()
-        self.wake = loop.create_future()
-        timer = loop.call_later(seconds, _resolve, self.wake)
-        try:
-            await self.wake
-        finally:
-            timer.cancel()
-
-    def on_connection_close(self) -> None:
-        if self.wake is not None:
-            _resolve(self.wake)
-        if self.streaming:
-            self.state.stream_aborted = True
-            self.streaming = False
 
     def reply_pieces(self, echo: str) -> list[str]:
         """The reply as stream pieces; joined, they are the non-stream content."""
