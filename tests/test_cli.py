@@ -29,6 +29,7 @@ general_settings:
   master_key: os.environ/LITELLM_MASTER_KEY
 litellm_settings:
   drop_params: true
+  success_callback: [langfuse]
 """
 
 
@@ -72,7 +73,8 @@ def test_check_ok_with_summary(runner, config_file):
     assert "NO MASTER KEY" not in result.output
     # the unsupported provider is reported, not fatal
     assert "bedrock" in result.output and "claude" in result.output
-    assert "litellm_settings.drop_params" in result.output
+    assert "litellm_settings.success_callback" in result.output  # kept, listed as ignored
+    assert "litellm_settings.drop_params" not in result.output  # used
 
 
 def test_check_warns_without_a_master_key(runner, config_file):

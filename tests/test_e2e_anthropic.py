@@ -98,6 +98,34 @@ async def test_unsupported_parameter_is_a_400_unless_dropped(client, fake_anthro
     assert "seed" not in sent(fake_anthropic) and "drop_params" not in sent(fake_anthropic)
 
 
+@pytest.mark.parametrize("setting", ["litellm_settings:\n  drop_params: true",  # global, as in LiteLLM
+                                     None])  # per deployment (litellm_params.drop_params)
+async def test_drop_params_from_the_config(gateway, fake_anthropic, setting):
+    if setting:
+        gw = await gateway(config_yaml(fake_anthropic, setting))
+    else:
+        gw = await gateway(config_yaml(fake_anthropic).replace("      api_key:", "      drop_params: true\n      api_key:"))
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as client:
+        reply = await client.chat.completions.create(model="claude", messages=USER, seed=1)
+    assert reply.choices[0].message.content
+    assert "seed" not in sent(fake_anthropic) and "drop_params" not in sent(fake_anthropic)
+
+
+async def test_drop_params_never_reaches_an_openai_upstream(gateway, fake_openai):
+    gw = await gateway(f"""
+model_list:
+  - model_name: gpt-fake
+    litellm_params: {{model: openai/gpt-4o-mini, api_base: "{fake_openai.base}", api_key: {PROVIDER_KEY}}}
+litellm_settings:
+  drop_params: true
+""")
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as client:
+        await client.chat.completions.create(model="gpt-fake", messages=USER, seed=1,
+                                             extra_body={"drop_params": True})
+    assert "drop_params" not in fake_openai.received[-1].body
+    assert fake_openai.received[-1].body["seed"] == 1  # OpenAI takes seed: nothing to drop
+
+
 async def test_tools_and_tool_results_round_trip(client, fake_anthropic):
     reply = await client.chat.completions.create(model="claude", messages=WEATHER, tools=[WEATHER_TOOL],
                                                  tool_choice="auto", parallel_tool_calls=False)

@@ -103,6 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds to establish an upstream connection."),
     Setting("graceful_shutdown_timeout", "general_settings", None, 30.0, float,
             "Seconds in-flight requests and streams get to finish after SIGTERM."),
+    Setting("drop_params", "litellm_settings", None, False, bool,
+            "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
             "Worker processes sharing the port (`--num-workers`)."),
     Setting("log_level", None, "LITELLM_LOG", "INFO", str,
@@ -129,6 +131,7 @@ class Settings:
     upstream_max_connections: int = 1000
     upstream_connect_timeout: float = 10.0
     graceful_shutdown_timeout: float = 30.0
+    drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"
     timeout: float = 600.0
@@ -315,7 +318,8 @@ def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
     out = [k for k in doc if k not in KNOWN_SECTIONS]
     out += [f"general_settings.{k}" for k in (doc.get("general_settings") or {}) if k not in known]
     out += [f"router_settings.{k}" for k in (doc.get("router_settings") or {}) if k not in used_router]
-    out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {})]
+    used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"}
+    out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {}) if k not in used_litellm]
     return tuple(out)
 
 

@@ -221,6 +221,8 @@ class LLMHandler(BaseHandler):
         if "mock_response" in body or d.mock_response is not None:
             provider = PROVIDERS["mock"]
         self.ctx.stream = self.streams and bool(body.get("stream"))
+        if self.gw.settings.drop_params and "drop_params" not in body:
+            body["drop_params"] = True  # litellm_settings.drop_params: for every request
         self.set_model_headers(d)
         endpoint, body = self.translate(provider, body)
         if provider.local:

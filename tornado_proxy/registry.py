@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 # litellm_params that are request defaults (the client's own value wins).
 DEFAULT_REQUEST_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "frequency_penalty",
-                          "presence_penalty", "stop", "seed", "response_format", "reasoning_effort", "user")
+                          "presence_penalty", "stop", "seed", "response_format", "reasoning_effort", "user",
+                          "drop_params")
 NEEDS_API_BASE = ("hosted_vllm", "openai_like", "azure")
 
 

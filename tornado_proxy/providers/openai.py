@@ -17,7 +17,7 @@ from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, Str
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 # Fields LiteLLM reads for itself; they are never sent to a provider.
 PROXY_ONLY_FIELDS = ("mock_response", "api_key", "api_base", "caching", "fallbacks", "num_retries",
-                     "context_window_fallbacks", "litellm_metadata", "guardrails", "tags")
+                     "context_window_fallbacks", "litellm_metadata", "guardrails", "tags", "drop_params")
 MAX_ERROR_MESSAGE = 2000
 
 
