@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from dataclasses import dataclass
 
+import orjson
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+
+
+@dataclass
+class Received:
+    """One request a fake got."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # names lower-cased
+    body: dict | None  # parsed JSON object, or None
 
 
 class FakeHandler(tornado.web.RequestHandler):
@@ -19,6 +32,23 @@ class FakeHandler(tornado.web.RequestHandler):
         self.state = state
         self.streaming = False
         self.wake: asyncio.Future | None = None
+
+    def record(self, body: dict | None) -> None:
+        if self.state.record:
+            req = self.request
+            self.state.received.append(Received(req.method, req.path, req.query,
+                                                {k.lower(): v for k, v in req.headers.items()}, body))
+
+    def read_json(self) -> tuple[object, bool]:
+        """(decoded body or None, whether it failed to decode); records the request."""
+        body, bad_json = None, False
+        if self.request.body:
+            try:
+                body = orjson.loads(self.request.body)
+            except orjson.JSONDecodeError:
+                bad_json = True
+        self.record(body if isinstance(body, dict) else None)
+        return body, bad_json
 
     async def pause(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()

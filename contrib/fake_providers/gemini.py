@@ -32,7 +32,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, listen, run_standalone, standalone_parser
+from .common import FakeHandler, Received, listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -66,14 +66,6 @@ MESSAGES = {
 }
 BAD_KEY = "API key not valid. Please pass a valid API key."
 
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]  # names lower-cased
-    body: dict | None
 
 
 @dataclass
@@ -240,21 +232,9 @@ class BaseHandler(FakeHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         self.write(error_body(status_code))
 
-    def record(self, body: dict | None) -> None:
-        if self.state.record:
-            req = self.request
-            self.state.received.append(Received(req.method, req.path, req.query,
-                                                {k.lower(): v for k, v in req.headers.items()}, body))
-
     async def prepare(self) -> None:
         state, req = self.state, self.request
-        body, bad_json = None, False
-        if req.body:
-            try:
-                body = orjson.loads(req.body)
-            except orjson.JSONDecodeError:
-                bad_json = True
-        self.record(body if isinstance(body, dict) else None)
+        body, bad_json = self.read_json()
         if state.api_key is not None:
             key = req.headers.get("x-goog-api-key") or self.get_query_argument("key", None)
             if not key:

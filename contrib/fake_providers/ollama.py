@@ -33,7 +33,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, listen, run_standalone, standalone_parser
+from .common import FakeHandler, Received, listen, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -43,14 +43,6 @@ MESSAGES = {400: "bad request", 401: "unauthorized", 404: "not found",
             500: "an error was encountered while running the model: unexpected EOF",
             503: "server busy, please try again.  maximum pending requests exceeded"}
 
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]  # names lower-cased
-    body: dict | None
 
 
 @dataclass
@@ -159,21 +151,9 @@ class BaseHandler(FakeHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         self.write(orjson.dumps({"error": MESSAGES.get(status_code, "error")}))
 
-    def record(self, body: dict | None) -> None:
-        if self.state.record:
-            req = self.request
-            self.state.received.append(Received(req.method, req.path, req.query,
-                                                {k.lower(): v for k, v in req.headers.items()}, body))
-
     async def prepare(self) -> None:
         state, req = self.state, self.request
-        body, bad_json = None, False
-        if req.body:
-            try:
-                body = orjson.loads(req.body)
-            except orjson.JSONDecodeError:
-                bad_json = True
-        self.record(body if isinstance(body, dict) else None)
+        body, bad_json = self.read_json()
         if state.api_key is not None and req.headers.get("Authorization") != f"Bearer {state.api_key}":
             return self.fail(401)
         if state.fail_times > 0:

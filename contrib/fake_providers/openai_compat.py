@@ -26,7 +26,7 @@ import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, listen, run_standalone, standalone_parser
+from .common import FakeHandler, Received, listen, run_standalone, standalone_parser
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 FINGERPRINT = "fp_fake00001"
@@ -69,17 +69,6 @@ NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
-
-
-@dataclass
-class Received:
-    """One request the fake got."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]  # names lower-cased
-    body: dict | None  # parsed JSON, or None
 
 
 @dataclass
@@ -187,21 +176,9 @@ class BaseHandler(FakeHandler):
     def write_error(self, status_code: int, **kwargs) -> None:
         self.write(error_body(status_code))
 
-    def record(self, body: dict | None) -> None:
-        req = self.request
-        if self.state.record:
-            headers = {k.lower(): v for k, v in req.headers.items()}
-            self.state.received.append(Received(req.method, req.path, req.query, headers, body))
-
     async def prepare(self) -> None:
         state, req = self.state, self.request
-        body, bad_json = None, False
-        if req.body:
-            try:
-                body = orjson.loads(req.body)
-            except orjson.JSONDecodeError:
-                bad_json = True
-        self.record(body if isinstance(body, dict) else None)
+        body, bad_json = self.read_json()
         if state.api_key is not None:
             auth = req.headers.get("Authorization", "")
             key = auth[7:] if auth.startswith("Bearer ") else req.headers.get("api-key")
