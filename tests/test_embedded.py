@@ -244,3 +244,31 @@ def test_serve_with_an_unusable_embedded_dir_fails_with_a_message(tmp_path):
     assert proc.returncode != 0
     assert str(blocker / "pgdata") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_path):
+    """SIGTERM before the supervisor is up (here: while initdb runs) exits 0 through the
+    clean-up path, not by the default action (-15)."""
+    import signal as signal_module
+    import time
+
+    from .conftest import MASTER_KEY
+
+    with private_dir() as folder:
+        data = folder / "pgdata"
+        config = tmp_path / "c.yaml"
+        config.write_text(f"general_settings:\n  master_key: {MASTER_KEY}\n  database_url: embedded\n"
+                          f"  store_model_in_db: true\n  embedded_db_dir: {data}\nmodel_list: []\n")
+        proc = subprocess.Popen([sys.executable, "bin/proxyctl", "serve", "--config", str(config), "--port", "0",
+                                 "--num-workers", "1", "--pid-file", str(tmp_path / "p.pid")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not data.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # initdb has begun
+            proc.send_signal(signal_module.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

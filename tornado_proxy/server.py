@@ -126,12 +126,14 @@ class StateFile:
 
 def serve(config: Config, options: ServeOptions) -> int:
     """Start the private database if asked, bind, fork and supervise. Returns the exit status."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # until the supervisor takes over: exit cleanly,
+        signal.signal(sig, stop_starting)        # through the finally blocks below
     embedded = None
-    if is_embedded(config):
-        embedded = EmbeddedPostgres(config.settings.embedded_db_dir)
-        config = with_database_url(config, embedded.start())
-        log.info("embedded PostgreSQL running in %s", embedded.data_dir)
     try:
+        if is_embedded(config):
+            embedded = EmbeddedPostgres(config.settings.embedded_db_dir)
+            config = with_database_url(config, embedded.start())
+            log.info("embedded PostgreSQL running in %s", embedded.data_dir)
         if options.require_db and not database_reachable(config):
             return 1
         sockets = bind_sockets(options.port, options.host or None, reuse_port=False)
@@ -150,6 +152,11 @@ def serve(config: Config, options: ServeOptions) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def stop_starting(signum, _frame) -> None:
+    log.info("signal %d during start-up: stopping", signum)
+    raise SystemExit(0)
 
 
 def is_embedded(config: Config) -> bool:
