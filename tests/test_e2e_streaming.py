@@ -296,11 +296,11 @@ async def test_sdk_sees_a_mid_stream_error(client, fake_openai):
 
 # --- the client leaves ---------------------------------------------------------------------------
 
-async def open_raw_stream(gw, body: dict, until: bytes | None):
+async def open_raw_stream(gw, body: dict, until: bytes | None, path: bytes = b"/v1/chat/completions"):
     """A raw HTTP/1.1 streaming request; reads until ``until`` shows up (None: reads nothing)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     data = orjson.dumps({**body, "stream": True})
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: gw\r\n"
                  b"Authorization: Bearer " + MASTER_KEY.encode() + b"\r\n"
                  b"Content-Type: application/json\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
     await writer.drain()
@@ -332,6 +332,18 @@ async def test_client_disconnect_mid_stream_aborts_upstream(gw, fetch, fake_open
     r = await fetch(gw, "/v1/chat/completions", {"model": "gpt-fake", "messages": USER})
     assert r.code == 200
     assert await status_count(fetch, gw, "499") == 1
+
+
+async def test_client_disconnect_on_the_anthropic_endpoint_aborts_upstream(gw, fetch, fake_openai):
+    """/v1/messages translating to an OpenAI upstream relays through the same path: a client that
+    hangs up mid-stream stops the upstream transfer too."""
+    fake_openai.stream_chunks, fake_openai.chunk_delay = 500, 0.02
+    body = {"model": "gpt-fake", "max_tokens": 50, "messages": USER}
+    _, writer, seen = await open_raw_stream(gw, body, b"content_block_delta", path=b"/v1/messages")
+    assert b"200 OK" in seen.split(b"\r\n", 1)[0]
+    writer.close()
+    await wait_for(lambda: fake_openai.stream_aborted)
+    assert fake_openai.streams_finished == 0
 
 
 async def test_client_disconnect_before_first_byte_aborts_upstream(gw, fetch, fake_openai):
