@@ -390,3 +390,30 @@ async def test_many_disconnects_do_not_exhaust_the_gateway(gateway, fetch, fake_
     fake_openai.stream_chunks, fake_openai.chunk_delay = None, 0
     r = await asyncio.wait_for(fetch(gw, "/v1/chat/completions", {"model": "gpt-fake", "messages": USER}), 10)
     assert r.code == 200
+
+
+async def test_a_client_that_stops_reading_is_dropped_not_buffered(gw, fetch, fake_openai, monkeypatch):
+    """Curl gets no backpressure from a slow client: past the bound of unflushed bytes the gateway
+    drops the client and aborts the upstream instead of buffering the whole stream in memory."""
+    import socket
+
+    from tornado_proxy import handlers
+
+    monkeypatch.setattr(handlers, "MAX_PENDING_STREAM_BYTES", 64 * 1024)
+    fake_openai.stream_chunks = 200_000  # ~20 MB of events, as fast as the fake can write them
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and this client reads nothing
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    data = orjson.dumps({"model": "gpt-fake", "messages": USER, "stream": True})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + MASTER_KEY.encode()
+                 + b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    await writer.drain()
+    try:
+        await wait_for(lambda: fake_openai.stream_aborted, timeout=20)
+        assert fake_openai.streams_finished == 0
+    finally:
+        writer.close()
+    fake_openai.stream_chunks = None
+    assert (await fetch(gw, "/v1/chat/completions", {"model": "gpt-fake", "messages": USER})).code == 200

@@ -213,6 +213,8 @@ class LLMHandler(BaseHandler):
     endpoint = "chat"
     streams = True
     output = OpenAIOutput
+    transfer: Transfer | None = None
+    _unflushed = 0  # stream bytes written since the last completed flush
 
     async def post(self, **_path) -> None:
         body = self.json_body()
@@ -303,7 +305,6 @@ class LLMHandler(BaseHandler):
         state = StreamState(include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
-        pending = [0]
         render = self.output.event
 
         def on_head(t: Transfer) -> None:
@@ -318,22 +319,6 @@ class LLMHandler(BaseHandler):
             if out:
                 self.send(b"".join(out))
 
-        def send_done(_future) -> None:
-            pending[0] = 0
-
-        def send(data: bytes) -> None:
-            if self.request.connection.stream.closed():
-                return
-            self.write(data)
-            pending[0] += len(data)
-            if pending[0] > MAX_PENDING_STREAM_BYTES:
-                log.warning("call %s: client is too slow to read the stream; dropping it", self.ctx.call_id)
-                self.gw.upstream.abort(transfer, "client")
-                self.request.connection.stream.close()
-                return
-            self.flush().add_done_callback(send_done)
-
-        self.send = send
         try:
             await self.gw.upstream.stream(request, timeout, first_byte_timeout, on_head, on_chunk, transfer)
         except ProxyError as exc:
@@ -356,15 +341,33 @@ class LLMHandler(BaseHandler):
         self.send(self.output.end())
         self.finish()
 
+    def send(self, data: bytes) -> None:
+        """Write stream bytes and flush. Curl gets no backpressure from a slow client, so the
+        bytes written since the last completed flush are counted; past the bound the client is
+        dropped and the upstream aborted rather than buffering without limit."""
+        stream = self.request.connection.stream
+        if stream.closed():
+            return
+        self.write(data)
+        self._unflushed += len(data)
+        if self._unflushed > MAX_PENDING_STREAM_BYTES:
+            log.warning("call %s: client is too slow to read the stream; dropping it", self.ctx.call_id)
+            self.gw.upstream.abort(self.transfer, "client")
+            stream.close()
+            return
+        self.flush().add_done_callback(self._flushed)
+
+    def _flushed(self, _future) -> None:
+        self._unflushed = 0
+
     def end_stream_with_error(self, exc: ProxyError) -> None:
         log.warning("call %s: upstream failed mid-stream: %s", self.ctx.call_id, exc.message)
         self.write(self.output.error_event(exc))
         self.finish()
 
     def on_connection_close(self) -> None:
-        transfer = getattr(self, "transfer", None)
-        if transfer is not None:
-            self.gw.upstream.abort(transfer, "client")
+        if self.transfer is not None:
+            self.gw.upstream.abort(self.transfer, "client")
 
 
 @tornado.web.stream_request_body
