@@ -80,17 +80,9 @@ class Gateway:
         if began:
             self.in_flight -= 1
             m.in_flight.dec()
-        model = ctx.model_group or ""
-        m.requests.labels(route, model, str(status)).inc()
-        m.latency.labels(route, model).observe(elapsed)
-        if ctx.deployment is not None and ctx.upstream_s:
-            m.upstream_latency.labels(model, ctx.deployment.provider).observe(ctx.upstream_s)
-        if ctx.usage:
-            prompt, completion = ctx.usage.get("prompt_tokens"), ctx.usage.get("completion_tokens")
-            if isinstance(prompt, int) and prompt > 0:
-                m.input_tokens.labels(model).inc(prompt)
-            if isinstance(completion, int) and completion > 0:
-                m.output_tokens.labels(model).inc(completion)
+        m.record(route, ctx.model_group or "", status, elapsed,
+                 ctx.deployment.provider if ctx.deployment is not None and ctx.upstream_s else None,
+                 ctx.upstream_s, ctx.usage)
 
 
 def make_application(gw: Gateway) -> tornado.web.Application:

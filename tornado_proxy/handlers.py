@@ -35,7 +35,8 @@ class CallContext:
 
     call_id: str
     started: float
-    model_group: str = ""
+    model_group: str = ""      # a resolved group only: it is a metrics label
+    requested_model: str = ""  # what the client asked for, for the log line
     deployment: Deployment | None = None
     upstream_s: float = 0.0
     usage: dict | None = None
@@ -175,7 +176,8 @@ class BaseHandler(tornado.web.RequestHandler):
         d, usage = self.ctx.deployment, self.ctx.usage or {}
         return orjson.dumps({
             "call_id": self.ctx.call_id, "method": self.request.method, "route": route,
-            "path": self.request.path, "status": status, "model_group": self.ctx.model_group or None,
+            "path": self.request.path, "status": status,
+            "model_group": self.ctx.model_group or self.ctx.requested_model or None,
             "deployment_id": d.id if d else None, "provider": d.provider if d else None,
             "total_ms": round(elapsed * 1000, 3), "upstream_ms": round(self.ctx.upstream_s * 1000, 3),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
@@ -235,8 +237,11 @@ class LLMHandler(BaseHandler):
             await self.relay(provider, d, endpoint, body)
 
     def deployment_for(self, body: dict) -> Deployment:
-        self.ctx.model_group = body["model"]
+        self.ctx.requested_model = body["model"]
         d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
+        # set only once resolved: the model group is a metrics label, and a client's made-up
+        # model names must not create unbounded series
+        self.ctx.model_group = body["model"]
         self.ctx.deployment = d
         if d.problem:
             raise InvalidRequestError(d.problem, param="model")

@@ -39,6 +39,30 @@ class Metrics:
         self.input_tokens = Counter("litellm_input_tokens", "Prompt tokens by model group", ["model"], registry=r)
         self.output_tokens = Counter("litellm_output_tokens", "Completion tokens by model group", ["model"],
                                      registry=r)
+        # Labelled children, looked up once each. Bounded: routes come from routes.yaml and models
+        # are only ever resolved model groups (never a client's unknown model name).
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def record(self, route: str, model: str, status: int, elapsed: float, provider: str | None,
+               upstream_s: float, usage: dict | None) -> None:
+        """Everything one finished request adds."""
+        self.child(self.requests, route, model, str(status)).inc()
+        self.child(self.latency, route, model).observe(elapsed)
+        if provider is not None:
+            self.child(self.upstream_latency, model, provider).observe(upstream_s)
+        if usage:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int) and prompt > 0:
+                self.child(self.input_tokens, model).inc(prompt)
+            if isinstance(completion, int) and completion > 0:
+                self.child(self.output_tokens, model).inc(completion)
 
     def render(self) -> bytes:
         if os.environ.get(MULTIPROC_ENV):
