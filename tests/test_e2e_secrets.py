@@ -250,3 +250,22 @@ def test_serve_stderr_has_no_keys_even_at_debug(serve, echo):  # noqa: F811
     assert len([line for line in served.access_lines() if line["route"] != "/health/liveliness"]) == 7
     for secret in SECRETS:
         assert secret not in stderr, secret
+
+
+async def test_api_base_credentials_are_never_shown(gateway, fetch):
+    """user:password@ and query strings in an api_base stay out of x-litellm-model-api-base and
+    /model/info."""
+    gw = await gateway("""
+model_list:
+  - model_name: m
+    litellm_params:
+      model: mock/m
+      api_base: "http://svc-user:svc-pass-123@models.internal:8443/v1?token=tok-456"
+""")
+    r = await fetch(gw, "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.code == 200
+    assert r.headers["x-litellm-model-api-base"] == "http://models.internal:8443/v1"
+    info = await fetch(gw, "/model/info")
+    assert info.code == 200
+    for secret in ("svc-pass-123", "svc-user", "tok-456"):
+        assert secret not in info.body.decode() and secret not in str(r.headers)

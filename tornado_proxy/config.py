@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +38,18 @@ SECRET_PARAM = re.compile(r"(key|(?<!_per)_token|secret|password|credentials?)$|
 
 def is_secret_name(name: str) -> bool:
     return bool(SECRET_PARAM.search(name))
+
+
+def public_url(url: str | None) -> str:
+    """A URL fit to show (headers, /model/info): no user:password@, no query string."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class ConfigError(Exception):

@@ -259,7 +259,7 @@ class LLMHandler(BaseHandler):
     def set_model_headers(self, d: Deployment) -> None:
         self.set_header("x-litellm-model-id", d.id)
         self.set_header("x-litellm-model-group", self.ctx.model_group)
-        self.set_header("x-litellm-model-api-base", d.api_base or "")
+        self.set_header("x-litellm-model-api-base", d.public_api_base)
 
     def set_duration_headers(self) -> None:
         total_ms = (time.perf_counter() - self.ctx.started) * 1000

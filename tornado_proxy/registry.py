@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 
-from .config import ConfigError, ModelSpec, Secret, derive_id, is_secret_name
+from .config import ConfigError, ModelSpec, Secret, derive_id, is_secret_name, public_url
 from .errors import InvalidRequestError
 from .providers import KNOWN_ELSEWHERE, PROVIDERS, split_model
 from .providers.base import Deployment, ProviderDefaults
@@ -64,7 +64,8 @@ def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = 
         mock_response=params.get("mock_response"),
         defaults={k: params[k] for k in DEFAULT_REQUEST_PARAMS if params.get(k) is not None},
         extra_headers={**defaults.headers, **(params.get("extra_headers") or {})},
-        public_params={k: v for k, v in params.items() if not is_secret_name(k)},
+        public_params={k: (public_url(v) if k == "api_base" and isinstance(v, str) else v)
+                       for k, v in params.items() if not is_secret_name(k)},
         model_info=info, source=source, problem=problem)
 
 

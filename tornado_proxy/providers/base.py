@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import Secret
+from ..config import Secret, public_url
 from ..errors import ProxyError
 from ..sse import SseParser
 
@@ -35,6 +35,10 @@ class Deployment:
     model_info: Mapping[str, Any] = field(default_factory=dict)
     source: str = "yaml"
     problem: str | None = None       # why it cannot be served (unsupported provider, no api_base)
+
+    @property
+    def public_api_base(self) -> str:
+        return public_url(self.api_base)
 
 
 @dataclass(frozen=True)
