@@ -4,6 +4,7 @@ builds one, and HTTP helpers. Everything talks over real loopback sockets on one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -109,49 +110,53 @@ def empty_pg_dsn(pg_server):
     admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextlib.asynccontextmanager
+async def running_fake(module, state, path: str = ""):
+    """Serve a fake provider module on a free port; ``state.base`` is the api_base to configure."""
+    server, port, state = await module.start(state)
+    state.port = port
+    state.base = f"http://127.0.0.1:{port}{path}"
+    try:
+        yield state
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
 @pytest.fixture
 async def fake_openai():
     """A fake OpenAI-compatible provider; ``.state`` has the knobs and what it received."""
-    server, port, state = await openai_compat.start(openai_compat.FakeState(api_key=PROVIDER_KEY))
-    state.port = port
-    state.base = f"http://127.0.0.1:{port}/v1"
-    yield state
-    server.stop()
-    await server.close_all_connections()
+    async with running_fake(openai_compat, openai_compat.FakeState(api_key=PROVIDER_KEY), "/v1") as state:
+        yield state
 
 
 @pytest.fixture
 async def fake_anthropic():
-    """A fake Anthropic API; ``.state`` has the knobs and what it received. ``.base`` is the
-    api_base to configure (Anthropic's paths start with /v1 themselves)."""
-    server, port, state = await anthropic_fake.start(anthropic_fake.FakeState(api_key=PROVIDER_KEY))
-    state.port = port
-    state.base = f"http://127.0.0.1:{port}"
-    yield state
-    server.stop()
-    await server.close_all_connections()
+    """A fake Anthropic API (its paths start with /v1 themselves)."""
+    async with running_fake(anthropic_fake, anthropic_fake.FakeState(api_key=PROVIDER_KEY)) as state:
+        yield state
 
 
 @pytest.fixture
 async def fake_gemini():
-    """A fake Gemini API (Google AI Studio); ``.base`` is the api_base to configure (``.../v1beta``)."""
-    server, port, state = await gemini_fake.start(gemini_fake.FakeState(api_key=PROVIDER_KEY))
-    state.port = port
-    state.base = f"http://127.0.0.1:{port}/v1beta"
-    yield state
-    server.stop()
-    await server.close_all_connections()
+    """A fake Gemini API (Google AI Studio); ``.base`` ends in ``/v1beta``."""
+    async with running_fake(gemini_fake, gemini_fake.FakeState(api_key=PROVIDER_KEY), "/v1beta") as state:
+        yield state
 
 
 @pytest.fixture
 async def fake_ollama():
-    """A fake Ollama server (no auth, as Ollama); ``.base`` is the api_base to configure."""
-    server, port, state = await ollama_fake.start(ollama_fake.FakeState())
-    state.port = port
-    state.base = f"http://127.0.0.1:{port}"
-    yield state
-    server.stop()
-    await server.close_all_connections()
+    """A fake Ollama server (no auth, as Ollama)."""
+    async with running_fake(ollama_fake, ollama_fake.FakeState()) as state:
+        yield state
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    """Poll until ``predicate()`` holds; fail (not hang) after ``timeout`` seconds."""
+    async def poll():
+        while not predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
 
 
 class RunningGateway:

@@ -4,7 +4,6 @@ errors mapped to OpenAI's; each test checks what Gemini received and what the cl
 
 import logging
 
-import anthropic
 import openai
 import orjson
 import pytest
@@ -247,26 +246,3 @@ async def test_empty_conversation_is_400_before_gemini(client, fake_gemini):
         await client.chat.completions.create(model="gemini-fake", messages=[{"role": "system", "content": "x"}])
     assert "at least one user or assistant message" in info.value.message
     assert fake_gemini.received == []
-
-
-# --- the Anthropic SDK on /v1/messages ------------------------------------------------------------
-
-ANTHROPIC_TOOL = {"name": "get_weather", "description": "Weather for a city",
-                  "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}}}
-
-
-async def test_anthropic_sdk_through_messages(gw, fake_gemini):
-    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=MASTER_KEY, max_retries=0) as claude:
-        reply = await claude.messages.create(model="gemini-fake", max_tokens=100, system="be brief",
-                                             messages=[{"role": "user", "content": "hello big world"}])
-        assert reply.content[0].text == "echo: hello big world" and reply.stop_reason == "end_turn"
-        assert (reply.usage.input_tokens, reply.usage.output_tokens) == (5, 4)
-        async with claude.messages.stream(model="gemini-fake", max_tokens=100,
-                                          messages=[{"role": "user", "content": "hello big world"}]) as stream:
-            assert "".join([t async for t in stream.text_stream]) == "echo: hello big world"
-        async with claude.messages.stream(model="gemini-fake", max_tokens=100, tools=[ANTHROPIC_TOOL],
-                                          messages=[{"role": "user", "content": "weather in Paris?"}]) as stream:
-            final = await stream.get_final_message()
-    assert final.stop_reason == "tool_use"
-    assert (final.content[-1].name, final.content[-1].input) == ("get_weather", {"location": "Paris"})
-    assert fake_gemini.received[-1].path == "/v1beta/models/gemini-2.0-flash:streamGenerateContent"

@@ -302,11 +302,17 @@ async def test_x_api_key_auth(gw, fetch):
 
 # --- every other provider behind /v1/messages ------------------------------------------------------
 
-@pytest.fixture(params=["gemini", "ollama_chat"])
+NATIVE = {  # provider -> (deployment model, the upstream path a stream goes to)
+    "gemini": ("gemini/gemini-2.0-flash", "/v1beta/models/gemini-2.0-flash:streamGenerateContent"),
+    "ollama_chat": ("ollama_chat/llama3.2", "/api/chat"),
+}
+
+
+@pytest.fixture(params=sorted(NATIVE))
 async def native(request, gateway, fake_gemini, fake_ollama):
     """A gateway with one model named "other" on a natively translated provider (fake upstream)."""
     fake = fake_gemini if request.param == "gemini" else fake_ollama
-    model = "gemini/gemini-2.0-flash" if request.param == "gemini" else "ollama_chat/llama3.2"
+    model, fake.stream_path = NATIVE[request.param]
     gw = await gateway(f"""
 model_list:
   - model_name: other
@@ -317,6 +323,22 @@ model_list:
 """)
     async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=MASTER_KEY, max_retries=0) as c:
         yield c, fake
+
+
+async def test_other_providers_exact_translation(native):
+    """The fakes' echo, token counts and tool call come back exactly, in Anthropic's shapes."""
+    client, fake = native
+    reply = await client.messages.create(model="other", max_tokens=100, system="be brief", messages=USER)
+    assert reply.content[0].text == "echo: hello big world" and reply.stop_reason == "end_turn"
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (5, 4)
+    async with client.messages.stream(model="other", max_tokens=100, messages=USER) as stream:
+        assert "".join([t async for t in stream.text_stream]) == "echo: hello big world"
+    async with client.messages.stream(model="other", max_tokens=100, tools=[WEATHER_TOOL],
+                                      messages=[{"role": "user", "content": "weather in Paris?"}]) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert (final.content[-1].name, final.content[-1].input) == ("get_weather", {"location": "Paris"})
+    assert fake.received[-1].path == fake.stream_path
 
 
 async def test_other_providers_plain_stream_and_tools(native):

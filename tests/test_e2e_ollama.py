@@ -3,7 +3,6 @@
 with a prompt built from the messages; legacy completions), embeddings (``/api/embed``) and
 Ollama's ``{"error": ...}`` replies mapped to OpenAI's errors."""
 
-import anthropic
 import openai
 import orjson
 import pytest
@@ -223,26 +222,3 @@ async def test_sdk_sees_mid_stream_error(client, fake_ollama):
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
-
-
-# --- the Anthropic SDK on /v1/messages ------------------------------------------------------------
-
-ANTHROPIC_TOOL = {"name": "get_weather", "description": "Weather for a city",
-                  "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}}}
-
-
-async def test_anthropic_sdk_through_messages(gw, fake_ollama):
-    async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=MASTER_KEY, max_retries=0) as claude:
-        reply = await claude.messages.create(model="llama-chat", max_tokens=100, system="be brief",
-                                             messages=[{"role": "user", "content": "hello big world"}])
-        assert reply.content[0].text == "echo: hello big world" and reply.stop_reason == "end_turn"
-        assert (reply.usage.input_tokens, reply.usage.output_tokens) == (5, 4)
-        async with claude.messages.stream(model="llama-chat", max_tokens=100,
-                                          messages=[{"role": "user", "content": "hello big world"}]) as stream:
-            assert "".join([t async for t in stream.text_stream]) == "echo: hello big world"
-        async with claude.messages.stream(model="llama-chat", max_tokens=100, tools=[ANTHROPIC_TOOL],
-                                          messages=[{"role": "user", "content": "weather in Paris?"}]) as stream:
-            final = await stream.get_final_message()
-    assert final.stop_reason == "tool_use"
-    assert (final.content[-1].name, final.content[-1].input) == ("get_weather", {"location": "Paris"})
-    assert fake_ollama.received[-1].path == "/api/chat"

@@ -15,7 +15,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError
 
 from tornado_proxy.sse import SseParser
 
-from .conftest import MASTER_KEY, PROVIDER_KEY
+from .conftest import MASTER_KEY, PROVIDER_KEY, wait_for
 
 USER = [{"role": "user", "content": "hello big world"}]
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -56,14 +56,6 @@ async def gw(gateway, fake_openai):
 async def client(gw):
     async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
         yield c
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    """Poll until ``predicate()`` holds; fail (not hang) after ``timeout`` seconds."""
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(poll(), timeout)
 
 
 def sse_payloads(body: bytes) -> list[bytes]:

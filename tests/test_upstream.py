@@ -13,7 +13,7 @@ from tornado_proxy.providers.base import UpstreamRequest
 from tornado_proxy.sse import SseParser
 from tornado_proxy.upstream import Transfer, Upstream
 
-from .conftest import PROVIDER_KEY
+from .conftest import PROVIDER_KEY, wait_for
 
 USER = [{"role": "user", "content": "hello big world"}]
 
@@ -32,14 +32,6 @@ def chat(fake, stream: bool = False, key: str = PROVIDER_KEY, **extra) -> Upstre
     return UpstreamRequest(fake.base + "/chat/completions", "POST",
                            {"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
                            orjson.dumps(body))
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    """Poll until ``predicate()`` holds; fail (not hang) after ``timeout`` seconds."""
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(poll(), timeout)
 
 
 class Collector:
