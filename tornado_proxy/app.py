@@ -13,7 +13,7 @@ from .catalog import Catalog
 from .config import Config, ConfigError, resource_dir
 from .handlers import CallContext
 from .metrics import Metrics
-from .registry import Registry, build_deployment
+from .registry import Registry, build_registry
 from .router import Router
 from .schemas import Schemas
 from .upstream import Upstream
@@ -110,8 +110,7 @@ def validate(config: Config) -> Registry:
     """Routes, schemas and models, checked as a worker builds them. Raises ConfigError."""
     try:
         routes.check(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
-        return Registry.build((build_deployment(s, config.environ) for s in config.models), 1,
-                              config.router_settings.get("model_group_alias"))
+        return build_registry(config.models, config.environ, aliases=config.router_settings.get("model_group_alias"))
     except ConfigError as exc:
         raise ConfigError(f"{config.path}: {exc}") from None
 

@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "os.environ/"
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_ROUTES_FILE = PACKAGE_DIR / "default_routes.yaml"
-HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-AUTH_LEVELS = ("none", "key", "master")
 SECRET_KEY = re.compile(r"key|secret|token|password|credential|database_url", re.IGNORECASE)
 # litellm_params names whose values are secrets: api_key, aws_secret_access_key, azure_ad_token,
 # vertex_credentials, an Authorization header, ... (but not max_tokens or input_cost_per_token).

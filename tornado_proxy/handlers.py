@@ -18,6 +18,7 @@ from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, 
 from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest
+from .sse import DONE, format_event
 from .upstream import Transfer
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ access_log = logging.getLogger("tornado_proxy.access")
 
 ALL_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 MAX_PENDING_STREAM_BYTES = 8 * 1024 * 1024  # a client this far behind is dropped, upstream aborted
-DONE_EVENT = b"data: [DONE]\n\n"
+DONE_EVENT = format_event(DONE)
 MAX_JSON_DEPTH = 254  # orjson encodes no deeper, so a deeper body could never be forwarded
 
 

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import orjson
 
 from ..errors import ProxyError, UpstreamError, upstream_error
+from ..sse import DONE
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
                    UpstreamReply, UpstreamRequest)
 
@@ -62,7 +63,7 @@ class OpenAIProvider(Provider):
         return ProviderResponse(reply.body, usage if isinstance(usage, dict) else None)
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
-        if data == b"[DONE]":
+        if data == DONE:
             state.done = True
             return []
         state.chunks += 1
