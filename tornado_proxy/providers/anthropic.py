@@ -32,9 +32,9 @@ from typing import Any, Mapping
 
 import orjson
 
-from ..errors import InvalidRequestError, ProxyError, UpstreamError, upstream_error
+from ..errors import InvalidRequestError, ProxyError, upstream_error
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
-                   UpstreamReply, UpstreamRequest)
+                   UpstreamReply, UpstreamRequest, event_object, reply_object)
 from .openai import PROXY_ONLY_FIELDS, error_message
 
 API_VERSION = "2023-06-01"
@@ -503,12 +503,7 @@ class AnthropicProvider(Provider):
         return UpstreamRequest(self.url(d, endpoint), "POST", headers, orjson.dumps(out))
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
-        try:
-            parsed = orjson.loads(reply.body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("The provider returned a response that is not JSON.", status=502) from None
-        if not isinstance(parsed, dict):
-            raise UpstreamError("The provider returned a response that is not a JSON object.", status=502)
+        parsed = reply_object(reply.body, "Anthropic")
         if endpoint == "chat":
             out = to_openai_response(parsed)
             return ProviderResponse(orjson.dumps(out), out["usage"])
@@ -519,11 +514,8 @@ class AnthropicProvider(Provider):
             return []  # Anthropic ends the stream after an error; nothing after it counts
         if endpoint != "chat":
             return self.relay_event(data, state)
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return []
-        if not isinstance(event, dict):
+        event = event_object(data)
+        if event is None:
             return []
         translator = state.extra.get("anthropic")
         if translator is None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import orjson
+
 from ..config import Secret, public_url
-from ..errors import ProxyError
+from ..errors import ProxyError, UpstreamError
 from ..sse import SseParser
 
 
@@ -119,3 +121,23 @@ class Provider:
         """The input tokens of an OpenAI chat request as this provider would bill them, when
         that can be known without calling it; None when it cannot."""
         return None
+
+
+def reply_object(body: bytes, who: str) -> dict:
+    """A provider's JSON reply as an object; anything else is a 502 naming the provider."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(f"{who} returned a response that is not JSON.", status=502) from None
+    if not isinstance(parsed, dict):
+        raise UpstreamError(f"{who} returned an unexpected response.", status=502)
+    return parsed
+
+
+def event_object(data: bytes) -> dict | None:
+    """One streamed event as a JSON object; None (the event is skipped) for anything else."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None

@@ -16,9 +16,9 @@ from typing import Mapping
 
 import orjson
 
-from ..errors import InvalidRequestError, ProxyError, UpstreamError, upstream_error
+from ..errors import InvalidRequestError, ProxyError, upstream_error
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState, UpstreamReply,
-                   UpstreamRequest)
+                   UpstreamRequest, event_object, reply_object)
 from .openai import error_message
 from .openai_format import (Choice, ChunkWriter, completion_body, content_parts, embedding_list_body,
                             image_url_of, json_schema_of, max_output_tokens, new_call_id, prompt_messages,
@@ -318,13 +318,6 @@ def choices_of(reply: dict) -> list[Choice]:
     return out
 
 
-def load_json(body: bytes):
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("Gemini returned a response that is not JSON.", status=502) from None
-
-
 def retry_after(reply: UpstreamReply, err: dict) -> dict[str, str]:
     """``retry-after`` from the header, else from a ``google.rpc.RetryInfo`` detail (``"37s"``)."""
     for name, value in reply.headers.items():
@@ -360,9 +353,7 @@ class GeminiProvider(Provider):
         return UpstreamRequest(f"{base}/{path}:{method}", "POST", headers, orjson.dumps(payload))
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
-        parsed = load_json(reply.body)
-        if not isinstance(parsed, dict):
-            raise UpstreamError("Gemini returned an unexpected response.", status=502)
+        parsed = reply_object(reply.body, "Gemini")
         if endpoint == "embeddings":
             items = parsed.get("embeddings") if "embeddings" in parsed else [parsed.get("embedding")]
             vectors = [item.get("values") or [] for item in items or () if isinstance(item, dict)]
@@ -375,11 +366,8 @@ class GeminiProvider(Provider):
         return ProviderResponse(body, usage)
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return []
-        if not isinstance(event, dict):
+        event = event_object(data)
+        if event is None:
             return []
         if isinstance(event.get("error"), dict):
             err = event["error"]

@@ -12,10 +12,10 @@ from typing import Mapping
 
 import orjson
 
-from ..errors import InvalidRequestError, ProxyError, UpstreamError, upstream_error
+from ..errors import InvalidRequestError, ProxyError, upstream_error
 from ..sse import SseEvent
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState, UpstreamReply,
-                   UpstreamRequest)
+                   UpstreamRequest, event_object, reply_object)
 from .openai import error_message
 from .openai_format import (Choice, ChunkWriter, completion_body, content_parts, embedding_list_body,
                             image_url_of, json_schema_of, max_output_tokens, single_prompt, split_data_url,
@@ -230,12 +230,7 @@ class OllamaProvider(Provider):
         return NdjsonParser()
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
-        try:
-            parsed = orjson.loads(reply.body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("Ollama returned a response that is not JSON.", status=502) from None
-        if not isinstance(parsed, dict):
-            raise UpstreamError("Ollama returned an unexpected response.", status=502)
+        parsed = reply_object(reply.body, "Ollama")
         model = parsed.get("model") if isinstance(parsed.get("model"), str) else ""
         if endpoint == "embeddings":
             tokens = parsed.get("prompt_eval_count") or 0
@@ -249,11 +244,8 @@ class OllamaProvider(Provider):
         return ProviderResponse(completion_body(endpoint, model, [choice], usage), usage)
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return []
-        if not isinstance(event, dict):
+        event = event_object(data)
+        if event is None:
             return []
         if ollama_error(event):
             state.error = upstream_error(500, f"OllamaException: {ollama_error(event)}")
