@@ -10,7 +10,7 @@ import tornado.web
 
 from . import admin, handlers, routes
 from .catalog import Catalog
-from .config import Config, ConfigError, resource_dir
+from .config import Config, ConfigError, Settings, resource_dir
 from .handlers import CallContext
 from .metrics import Metrics
 from .registry import Registry, build_registry
@@ -67,9 +67,8 @@ class Gateway:
         for name in RESTART_ONLY:
             if getattr(config.settings, name) != getattr(self.settings, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
-        settings = dataclasses.replace(config.settings, **{n: getattr(self.settings, n) for n in RESTART_ONLY})
-        self.config = dataclasses.replace(config, settings=settings)
-        self.settings = settings
+        self.config = keep_restart_only(config, self.settings)
+        self.settings = self.config.settings
         if self.app is not None:
             swap_rules(self.app, rules)
         await self.catalog.reload(self.config, generation)
@@ -83,6 +82,12 @@ class Gateway:
         m.record(route, ctx.model_group or "", status, elapsed,
                  ctx.deployment.provider if ctx.deployment is not None and ctx.upstream_s else None,
                  ctx.upstream_s, ctx.usage)
+
+
+def keep_restart_only(config: Config, running: Settings) -> Config:
+    """``config`` with the running values of the settings a reload does not change."""
+    settings = dataclasses.replace(config.settings, **{n: getattr(running, n) for n in RESTART_ONLY})
+    return dataclasses.replace(config, settings=settings)
 
 
 def make_application(gw: Gateway) -> tornado.web.Application:

@@ -25,7 +25,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from . import metrics
-from .app import Gateway, log_startup_warnings, make_application, validate
+from .app import Gateway, keep_restart_only, log_startup_warnings, make_application, validate
 from .catalog import make_database, storage_problem
 from .config import Config, ConfigError, Secret, load
 from .db import DatabaseUnavailable
@@ -244,8 +244,9 @@ class Supervisor:
             self.state.write(generation=self.generation, seq=self.seq, status="refused", message=str(exc),
                              config=self.config.path, pid=os.getpid())
             return
-        if self.config.settings.database_url:  # restart-only: new workers keep the running database
-            config = with_database_url(config, self.config.settings.database_url.reveal())
+        # workers started from now on get the new config, but the same restart-only settings
+        # (pools, database, ...) as the running ones: the rule Gateway.reload applies
+        config = keep_restart_only(config, self.config.settings)
         self.config, self.generation = config, self.generation + 1
         self.state.write(generation=self.generation, seq=self.seq, status="ok",
                          message=f"config generation {self.generation}", config=config.path, pid=os.getpid())
