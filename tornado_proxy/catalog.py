@@ -11,9 +11,9 @@ import asyncio
 import logging
 import time
 
-from .config import Config, resource_dir
 import psycopg2
 
+from .config import Config
 from .db import Database, DatabaseUnavailable, describe
 from .modelstore import ModelStore, cipher_for
 from .providers.base import Deployment
@@ -102,15 +102,11 @@ class Catalog:
 
     async def connect(self) -> None:
         """Migrate and sync (once per config generation), then load the database models."""
-        db = self.store.db
         if self.synced_generation != self.generation:
-            async with db.startup_lock():
-                await db.migrate(resource_dir("sql"))
-                plan = await self.store.plan(self.config.models)
-                if not plan.empty:
-                    await self.store.apply(plan)
-                    log.info("synced config models into the database: %d added, %d changed, %d removed",
-                             len(plan.added), len(plan.changed), len(plan.removed))
+            plan = await self.store.sync(self.config.models)
+            if not plan.empty:
+                log.info("synced config models into the database: %d added, %d changed, %d removed",
+                         len(plan.added), len(plan.changed), len(plan.removed))
             self.synced_generation = self.generation
         await self.refresh()
 

@@ -149,24 +149,17 @@ def sync(config_path: str, dry_run: bool) -> None:
     """Sync the config file's models into the database: print the diff, then apply it."""
     config = load_or_exit(config_path)
     validate_or_exit(config)
-    lines, applied = run_with_database(config, lambda store: sync_models(store, config, dry_run))
+    lines = run_with_database(config, lambda store: sync_models(store, config, dry_run))
     for line in lines:
         click.echo(line)
     verb = "would change" if dry_run else "changed"
     click.echo(f"{len(lines)} model(s) {verb}" if lines else "database already in sync")
 
 
-async def sync_models(store, config: Config, dry_run: bool):
-    from .config import resource_dir
-
-    if dry_run:  # changes nothing, migrations included
-        return (await store.plan(config.models)).describe(), False
-    async with store.db.startup_lock():
-        await store.db.migrate(resource_dir("sql"))
-        plan = await store.plan(config.models)
-        if not plan.empty:
-            await store.apply(plan)
-    return plan.describe(), True
+async def sync_models(store, config: Config, dry_run: bool) -> list[str]:
+    """The diff, applied unless ``dry_run`` (which changes nothing, migrations included)."""
+    plan = await (store.plan(config.models) if dry_run else store.sync(config.models))
+    return plan.describe()
 
 
 @cli.group()

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .config import ConfigError, ModelSpec, is_secret_name, resolve_env
+from .config import ConfigError, ModelSpec, is_secret_name, resolve_env, resource_dir
 from .crypt import Cipher, DecryptError
 from .db import Database, ModelRow
 from .errors import InvalidRequestError, NotFoundError
@@ -124,6 +124,16 @@ class ModelStore:
 
     async def apply(self, plan: SyncPlan) -> None:
         await self.db.apply_sync(plan.added + plan.changed, [r.id for r in plan.removed])
+
+    async def sync(self, specs: Iterable[ModelSpec]) -> SyncPlan:
+        """Migrate, then make the database's config rows match ``specs``, under the start-up lock
+        so instances starting together take turns. Returns what changed."""
+        async with self.db.startup_lock():
+            await self.db.migrate(resource_dir("sql"))
+            plan = await self.plan(specs)
+            if not plan.empty:
+                await self.apply(plan)
+        return plan
 
     async def deployments(self, exclude_ids: set[str]):
         out = []
