@@ -3,6 +3,7 @@ transport errors, timeouts, and aborting a transfer (which must free the curl ha
 
 import asyncio
 import logging
+import time
 
 import orjson
 import pytest
@@ -238,3 +239,53 @@ async def test_debug_logging_never_traces_headers_or_bodies(upstream, fake_opena
     await upstream.stream(chat(fake_openai, stream=True), 10, None, c.on_head, c.on_chunk, t)
     assert PROVIDER_KEY not in caplog.text
     assert "hello big world" not in caplog.text
+
+
+def pending_connections(listener) -> int:
+    """Connections the kernel has completed on ``listener`` that nobody accepted yet."""
+    count = 0
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+@pytest.fixture
+def listener():
+    sock = bind_sockets(0, "127.0.0.1")[0]
+    yield sock
+    sock.close()
+
+
+def request_to(sock) -> UpstreamRequest:
+    return UpstreamRequest(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/chat/completions", "POST",
+                           {"Content-Type": "application/json"}, b"{}")
+
+
+async def test_requests_of_one_loop_iteration_start_together(listener):
+    u = Upstream(max_clients=4, connect_timeout=5, start_within=60)
+    tasks = [asyncio.ensure_future(u.fetch(request_to(listener), timeout=0.5)) for _ in range(3)]
+    await asyncio.sleep(0)  # the tasks submit their requests; nothing has been started yet
+    assert pending_connections(listener) == 0
+    await asyncio.sleep(0.05)  # the next iteration's zero-delay timer starts all three
+    assert pending_connections(listener) == 3
+    for t in tasks:
+        t.cancel()
+    u.close()
+
+
+async def test_a_request_waiting_past_start_within_starts_the_batch_at_once(listener):
+    u = Upstream(max_clients=4, connect_timeout=5, start_within=0.002)
+    first = asyncio.ensure_future(u.fetch(request_to(listener), timeout=0.5))
+    await asyncio.sleep(0)  # first is submitted, due to start with the next iteration
+    time.sleep(0.01)  # this iteration runs long
+    second = asyncio.ensure_future(u.fetch(request_to(listener), timeout=0.5))
+    await asyncio.sleep(0)  # second's submission starts both before the zero-delay timer runs
+    assert pending_connections(listener) == 2
+    first.cancel()
+    second.cancel()
+    u.close()
