@@ -5,7 +5,9 @@ import asyncio
 import pytest
 
 from tornado_proxy.config import resource_dir
-from tornado_proxy.db import Database, DatabaseUnavailable, ModelRow, migrations
+from tornado_proxy.db import Database, migrations
+from tornado_proxy.errors import DatabaseUnavailable
+from tornado_proxy.modelstore import ModelRow
 
 
 async def test_migrations_from_empty_and_rerun(empty_pg_dsn):

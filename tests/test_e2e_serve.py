@@ -470,3 +470,23 @@ def test_request_log_is_one_json_object_per_line(serve, fake_provider):
     text = served.stderr()
     for secret in (MASTER_KEY, PROVIDER_KEY, "sk-wrong", "sk-query-secret"):
         assert secret not in text
+
+
+def mapped_files(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
+def test_without_a_database_no_process_loads_the_driver_or_cryptography(serve, fake_provider):
+    # psycopg2 + aiopg and cryptography are ~24 MB resident in every worker: loaded only when
+    # database storage is on
+    fake = fake_provider()
+    served = serve(config_yaml(fake), 1, FAKE_KEY=PROVIDER_KEY)
+    status, _, _ = request(served.port, "POST", "/v1/chat/completions", {"model": "gpt-fake", "messages": HELLO})
+    assert status == 200
+    assert request(served.port, "GET", "/model/info")[0] == 200
+    (worker,) = served.workers()
+    for pid in (served.proc.pid, worker):
+        maps = mapped_files(pid)
+        assert "pycurl" in maps  # the check can see extension modules
+        assert "psycopg2" not in maps and "cryptography" not in maps

@@ -7,8 +7,7 @@ import os
 import uuid
 
 from . import __version__
-from .db import DatabaseUnavailable
-from .errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from .errors import DatabaseUnavailable, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from .handlers import BaseHandler
 from .modelstore import ModelStore, public_view
 

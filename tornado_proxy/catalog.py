@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-
-import psycopg2
+from typing import TYPE_CHECKING
 
 from .config import Config
-from .db import Database, DatabaseUnavailable, describe
+from .errors import DatabaseUnavailable
 from .modelstore import ModelStore, cipher_for
 from .providers.base import Deployment
 from .registry import Registry, build_deployment
+
+if TYPE_CHECKING:
+    from .db import Database
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ def storage_problem(config: Config) -> str | None:
 
 
 def make_database(config: Config) -> Database:
+    # Imported here: the PostgreSQL driver (psycopg2 + aiopg, ~16 MB resident) is loaded only
+    # by processes that use a database.
+    from .db import Database
+
     s = config.settings
     timeout = s.database_connection_timeout
     return Database(s.database_url.reveal(), pool_size=s.database_connection_pool_limit,
@@ -158,15 +164,8 @@ class Catalog:
     async def _listen(self, conn) -> None:
         next_full = time.monotonic() + self.config.settings.model_refresh_interval
         while True:
-            try:
-                await asyncio.wait_for(conn.notifies.get(), LISTEN_POLL)
-            except psycopg2.Error as exc:  # aiopg's notification queue reports a lost connection
-                raise DatabaseUnavailable(describe(exc)) from None
-            except asyncio.TimeoutError:
-                if conn.closed:
-                    raise DatabaseUnavailable("the listening connection was closed") from None
-                if time.monotonic() < next_full:
-                    continue
+            if not await self.store.db.notified(conn, LISTEN_POLL) and time.monotonic() < next_full:
+                continue
             while not conn.notifies.empty():  # coalesce a burst of changes into one refresh
                 conn.notifies.get_nowait()
             await self.refresh()

@@ -189,7 +189,7 @@ def run_with_database(config: Config, work, need_cipher: bool = True):
     """Run ``work(store)`` against the configured database (starting the embedded one if that
     is the setting); database errors become a clean non-zero exit."""
     from .catalog import make_database
-    from .db import DatabaseUnavailable
+    from .errors import DatabaseUnavailable
     from .embedded import EmbeddedError, EmbeddedPostgres
     from .modelstore import ModelStore, cipher_for
 

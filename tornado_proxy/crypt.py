@@ -12,7 +12,6 @@ import hashlib
 from typing import Any, Callable, Mapping
 
 import orjson
-from cryptography.fernet import Fernet, InvalidToken
 
 PREFIX = "enc:v1:"
 JSON_PREFIX = "enc:j1:"  # an encrypted JSON value (a secret that is not a string)
@@ -24,8 +23,13 @@ class DecryptError(Exception):
 
 class Cipher:
     def __init__(self, key_material: str):
+        # Imported here: cryptography (~8 MB resident) is loaded only by processes that store
+        # models in the database.
+        from cryptography.fernet import Fernet, InvalidToken
+
         digest = hashlib.sha256(key_material.encode()).digest()
         self._fernet = Fernet(base64.urlsafe_b64encode(digest))
+        self._invalid_token = InvalidToken
 
     def encrypt(self, value: str) -> str:
         return PREFIX + self._fernet.encrypt(value.encode()).decode()
@@ -35,7 +39,7 @@ class Cipher:
             return value
         try:
             return self._fernet.decrypt(value[len(PREFIX):].encode()).decode()
-        except InvalidToken:
+        except self._invalid_token:
             raise DecryptError("stored secret cannot be decrypted: LITELLM_SALT_KEY (or the master key) "
                                "differs from the one it was written with") from None
 
@@ -71,6 +75,6 @@ class Cipher:
     def _plain(self, token: str) -> bytes:
         try:
             return self._fernet.decrypt(token.encode())
-        except InvalidToken:
+        except self._invalid_token:
             raise DecryptError("stored secret cannot be decrypted: LITELLM_SALT_KEY (or the master key) "
                                "differs from the one it was written with") from None

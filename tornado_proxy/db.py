@@ -11,8 +11,6 @@ import asyncio
 import logging
 import re
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable
 
@@ -21,27 +19,15 @@ import orjson
 import psycopg2
 import psycopg2.errors
 
+from .errors import DatabaseUnavailable
+from .modelstore import ModelRow
+
 log = logging.getLogger(__name__)
 
 LOCK_ID = 0x7470_726F_7879  # pg_advisory_lock key shared by every gateway instance ("tproxy")
 CHANNEL = "proxy_models_changed"
 MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
-
-
-class DatabaseUnavailable(Exception):
-    """PostgreSQL cannot be reached (or timed out)."""
-
-
-@dataclass(frozen=True)
-class ModelRow:
-    id: str
-    model_name: str
-    litellm_params: dict
-    model_info: dict
-    source: str  # "yaml" | "api"
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
 
 
 def migrations(directory: Path) -> list[tuple[str, Path]]:
@@ -238,6 +224,20 @@ class Database:
             if isinstance(exc, UNREACHABLE):
                 raise DatabaseUnavailable(describe(exc)) from None
             raise
+
+    @staticmethod
+    async def notified(conn: aiopg.Connection, timeout: float) -> bool:
+        """Whether a change notification came on a ``listen()`` connection within ``timeout``;
+        DatabaseUnavailable once the connection is lost."""
+        try:
+            await asyncio.wait_for(conn.notifies.get(), timeout)
+            return True
+        except psycopg2.Error as exc:  # aiopg's notification queue reports a lost connection
+            raise DatabaseUnavailable(describe(exc)) from None
+        except asyncio.TimeoutError:
+            if conn.closed:
+                raise DatabaseUnavailable("the listening connection was closed") from None
+            return False
 
 
 def describe(exc: BaseException) -> str:

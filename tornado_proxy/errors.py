@@ -136,3 +136,7 @@ def upstream_error(status: int, message: str, *, param: str | None = None,
                              param=param, headers=headers, retryable=True)
     return UpstreamError(message, status=status, type=UPSTREAM_TYPES.get(status, "invalid_request_error"),
                          param=param, headers=headers, retryable=status in (408, 409, 429))
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (or timed out). Internal: handlers turn it into a 503."""

@@ -8,15 +8,31 @@ import dataclasses
 import logging
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .config import ConfigError, ModelSpec, is_secret_name, resolve_env, resource_dir
 from .crypt import Cipher, DecryptError
-from .db import Database, ModelRow
 from .errors import InvalidRequestError, NotFoundError
 from .registry import build_deployment, derive_id
 
+if TYPE_CHECKING:  # db.py imports the PostgreSQL driver: only a worker with a database needs it
+    from .db import Database
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One row of ``proxy_models``."""
+
+    id: str
+    model_name: str
+    litellm_params: dict
+    model_info: dict
+    source: str  # "yaml" | "api"
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
 MASK = "***"
 

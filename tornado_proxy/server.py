@@ -28,7 +28,7 @@ from . import metrics
 from .app import Gateway, keep_restart_only, log_startup_warnings, make_application, validate
 from .catalog import make_database, storage_problem
 from .config import Config, ConfigError, Secret, load
-from .db import DatabaseUnavailable
+from .errors import DatabaseUnavailable
 from .embedded import EmbeddedPostgres
 
 log = logging.getLogger(__name__)
