@@ -289,3 +289,16 @@ async def test_a_request_waiting_past_start_within_starts_the_batch_at_once(list
     first.cancel()
     second.cancel()
     u.close()
+
+
+async def test_curl_handles_are_made_as_concurrency_needs_them_and_reused(fake_openai):
+    u = Upstream(max_clients=1000, connect_timeout=5)
+    assert u._client._curls == []
+    for _ in range(3):  # one at a time: one handle, reused
+        assert (await u.fetch(chat(fake_openai), timeout=10)).status == 200
+    assert len(u._client._curls) == 1
+    fake_openai.chunk_delay = 0.2  # held open so all four overlap
+    replies = await asyncio.gather(*[u.fetch(chat(fake_openai, stream=True), timeout=10) for _ in range(4)])
+    assert [r.status for r in replies] == [200] * 4
+    assert len(u._client._curls) == 4
+    u.close()

@@ -44,9 +44,19 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
     """
 
     def initialize(self, max_clients: int = 10, start_within: float = 0.001, **kwargs) -> None:
-        super().initialize(max_clients=max_clients, **kwargs)
+        # The stock client makes all max_clients libcurl handles up front (1,000 are ~7 MB in
+        # every worker); here they are made as concurrency first needs them, then reused.
+        super().initialize(max_clients=0, **kwargs)
+        self.max_clients = max_clients
         self.start_within = start_within
         self._waiting_since: float | None = None  # when the oldest not-yet-started request came
+
+    def _process_queue(self) -> None:
+        for _ in range(min(len(self._requests) - len(self._free_list), self.max_clients - len(self._curls))):
+            curl = self._curl_create()
+            self._curls.append(curl)
+            self._free_list.append(curl)
+        super()._process_queue()
 
     def fetch_impl(self, request: HTTPRequest, callback: Callable[[HTTPResponse], None]) -> None:
         now = self.io_loop.time()
