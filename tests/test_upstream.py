@@ -268,6 +268,7 @@ def request_to(sock) -> UpstreamRequest:
 
 async def test_requests_of_one_loop_iteration_start_together(listener):
     u = Upstream(max_clients=4, connect_timeout=5, start_within=60)
+    await asyncio.sleep(0.01)  # the client's own start-up timer has run
     tasks = [asyncio.ensure_future(u.fetch(request_to(listener), timeout=0.5)) for _ in range(3)]
     await asyncio.sleep(0)  # the tasks submit their requests; nothing has been started yet
     assert pending_connections(listener) == 0
@@ -280,6 +281,7 @@ async def test_requests_of_one_loop_iteration_start_together(listener):
 
 async def test_a_request_waiting_past_start_within_starts_the_batch_at_once(listener):
     u = Upstream(max_clients=4, connect_timeout=5, start_within=0.002)
+    await asyncio.sleep(0.01)  # the client's own start-up timer has run
     first = asyncio.ensure_future(u.fetch(request_to(listener), timeout=0.5))
     await asyncio.sleep(0)  # first is submitted, due to start with the next iteration
     time.sleep(0.01)  # this iteration runs long
@@ -301,4 +303,19 @@ async def test_curl_handles_are_made_as_concurrency_needs_them_and_reused(fake_o
     replies = await asyncio.gather(*[u.fetch(chat(fake_openai, stream=True), timeout=10) for _ in range(4)])
     assert [r.status for r in replies] == [200] * 4
     assert len(u._client._curls) == 4
+    u.close()
+
+
+async def test_libcurl_timer_is_kept_when_it_fires_no_later_than_asked():
+    u = Upstream(max_clients=4, connect_timeout=5)
+    client = u._client
+    await asyncio.sleep(0.01)
+    client._set_timeout(1000)
+    timer = client._timeout
+    client._set_timeout(5000)  # later: the pending timer serves (an early call is harmless)
+    assert client._timeout is timer
+    client._set_timeout(0)  # earlier: replaced
+    assert client._timeout is not timer
+    await asyncio.sleep(0.01)
+    assert client._timeout is None or client._timeout_at > client.io_loop.time()  # fired and re-read libcurl
     u.close()

@@ -50,6 +50,7 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
         self.max_clients = max_clients
         self.start_within = start_within
         self._waiting_since: float | None = None  # when the oldest not-yet-started request came
+        self._timeout_at = 0.0  # when the pending libcurl timer (self._timeout) fires
 
     def _process_queue(self) -> None:
         for _ in range(min(len(self._requests) - len(self._free_list), self.max_clients - len(self._curls))):
@@ -74,6 +75,18 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
     def _handle_timeout(self) -> None:
         self._waiting_since = None
         super()._handle_timeout()
+
+    def _set_timeout(self, msecs: int) -> None:
+        # libcurl asks for its timer on nearly every call and the stock client cancels and
+        # re-creates it each time. A timer already due no later than asked is kept: firing early
+        # is harmless, since _handle_timeout re-reads libcurl's next deadline.
+        deadline = self.io_loop.time() + msecs / 1000.0
+        if self._timeout is not None:
+            if self._timeout_at <= deadline:
+                return
+            self.io_loop.remove_timeout(self._timeout)
+        self._timeout_at = deadline
+        self._timeout = self.io_loop.add_timeout(deadline, self._handle_timeout)
 
     def _curl_setup_request(self, curl, request, buffer, headers) -> None:
         super()._curl_setup_request(curl, request, buffer, headers)
