@@ -12,7 +12,7 @@ from tornado.netutil import bind_sockets
 from tornado_proxy.errors import UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
 from tornado_proxy.providers.base import UpstreamRequest
 from tornado_proxy.sse import SseParser
-from tornado_proxy.upstream import Transfer, Upstream
+from tornado_proxy.upstream import HeaderLines, Transfer, Upstream
 
 from .conftest import PROVIDER_KEY, wait_for
 
@@ -319,3 +319,23 @@ async def test_libcurl_timer_is_kept_when_it_fires_no_later_than_asked():
     await asyncio.sleep(0.01)
     assert client._timeout is None or client._timeout_at > client.io_loop.time()  # fired and re-read libcurl
     u.close()
+
+
+def test_header_lines_keep_only_the_final_head_and_parse_when_read():
+    head = HeaderLines()
+    for line in (b"HTTP/1.1 100 Continue\r\n", b"X-Interim: 1\r\n", b"\r\n",
+                 b"HTTP/1.1 429 Too Many Requests\r\n", b"Retry-After: 7\r\n", b"X-Long: a\r\n",
+                 b" b\r\n", b"Set-Cookie: x=1\r\n", b"Set-Cookie: y=2\r\n", b"\r\n"):
+        head.add(line)
+    assert head["retry-after"] == "7"
+    assert "X-Interim" not in head
+    assert head["X-Long"] == "a"  # an obsolete folded line is dropped, the rest still parse
+    assert head.parsed.get_list("Set-Cookie") == ["x=1", "y=2"]
+    assert dict(head.items())["Retry-After"] == "7"
+
+
+async def test_fetch_reply_headers_are_the_providers(upstream, fake_openai):
+    reply = await upstream.fetch(chat(fake_openai), timeout=10)
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("application/json")
+    bad = await upstream.fetch(chat(fake_openai, key="sk-wrong"), timeout=10)
+    assert bad.status == 401 and bad.headers["Content-Type"].startswith("application/json")
