@@ -323,10 +323,15 @@ async def test_libcurl_timer_is_kept_when_it_fires_no_later_than_asked():
 
 def test_header_lines_keep_only_the_final_head_and_parse_when_read():
     head = HeaderLines()
-    for line in (b"HTTP/1.1 100 Continue\r\n", b"X-Interim: 1\r\n", b"\r\n",
-                 b"HTTP/1.1 429 Too Many Requests\r\n", b"Retry-After: 7\r\n", b"X-Long: a\r\n",
-                 b" b\r\n", b"Set-Cookie: x=1\r\n", b"Set-Cookie: y=2\r\n", b"\r\n"):
+    for line in (b"HTTP/1.1 100 Continue\r\n", b"X-Interim: 1\r\n", b"\r\n"):
         head.add(line)
+    assert (head.status, head.complete) == (100, False)  # an interim head is not the reply's
+    for line in (b"HTTP/1.1 429 Too Many Requests\r\n", b"Retry-After: 7\r\n", b"X-Long: a\r\n",
+                 b" b\r\n", b"Set-Cookie: x=1\r\n", b"Set-Cookie: y=2\r\n"):
+        head.add(line)
+    assert (head.status, head.complete) == (429, False)
+    head.add(b"\r\n")
+    assert head.complete
     assert head["retry-after"] == "7"
     assert "X-Interim" not in head
     assert head["X-Long"] == "a"  # an obsolete folded line is dropped, the rest still parse

@@ -119,19 +119,30 @@ def _unwrap(request) -> HTTPRequest:
 
 
 class HeaderLines(Mapping[str, str]):
-    """A reply's header lines as libcurl hands them over, parsed into ``HTTPHeaders`` when first
-    read (the headers of a successful reply seldom are). Only the final response's head counts:
-    lines of an interim (1xx) response are dropped when the next status line arrives."""
+    """A reply's head as libcurl hands it over line by line (``add`` is the HEADERFUNCTION),
+    parsed into ``HTTPHeaders`` only when read (the headers of a successful reply seldom are).
+    Only the final response's head counts: an interim (1xx) head is dropped when the next
+    status line arrives. ``complete`` turns true at the blank line that ends the final head."""
 
     def __init__(self) -> None:
         self._lines: list[bytes] = []
         self._parsed: httputil.HTTPHeaders | None = None
+        self.status: int | None = None
+        self.complete = False
 
-    def add(self, line: bytes) -> None:
+    def add(self, line: bytes) -> None:  # must return None: pycurl reads a number as bytes taken
         if line.startswith(b"HTTP/"):
             self._lines.clear()
-        else:
+            self._parsed = None
+            self.complete = False
+            try:
+                self.status = httputil.parse_response_start_line(line.decode("latin1").rstrip("\r\n")).code
+            except httputil.HTTPInputError:
+                self.status = None
+        elif line.strip():
             self._lines.append(line)
+        elif self.status is not None and self.status >= 200:
+            self.complete = True
 
     @property
     def parsed(self) -> httputil.HTTPHeaders:
@@ -162,7 +173,7 @@ class Transfer:
 
     request: HTTPRequest | None = None
     status: int | None = None
-    headers: httputil.HTTPHeaders = field(default_factory=httputil.HTTPHeaders)
+    headers: Mapping[str, str] = field(default_factory=HeaderLines)
     error_body: bytearray = field(default_factory=bytearray)
     started: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
@@ -210,29 +221,31 @@ class Upstream:
         failure (also after bytes have flowed; the caller decides how to report that).
         """
 
-        def header_line(line: str) -> None:
+        def header_line(line: bytes) -> None:
+            # libcurl's HEADERFUNCTION (inside socket_action, where curl must not be re-entered):
+            # the complete head goes to the caller in one IOLoop callback (Tornado's own header
+            # callback would parse every line and queue a callback per line).
+            head.add(line)
+            if head.complete and transfer.first_byte_at is None and not head_queued:
+                head_queued.append(True)
+                loop.add_callback(head_done)
+
+        def head_done() -> None:
             if transfer.abort_reason:
                 return  # queued before an abort: the caller must not see a head now
-            line = line.rstrip("\r\n")
-            if line.startswith("HTTP/"):
-                transfer.status = httputil.parse_response_start_line(line).code
-                transfer.headers = httputil.HTTPHeaders()
-            elif line:
-                transfer.headers.parse_line(line)
-            elif transfer.status is not None and transfer.status >= 200 and transfer.first_byte_at is None:
-                transfer.first_byte_at = time.monotonic()
-                if deadline is not None:
-                    loop.remove_timeout(deadline)
-                on_head(transfer)
-                while early and not transfer.abort_reason:
-                    body_chunk(early.pop(0))
+            transfer.status, transfer.headers = head.status, head
+            transfer.first_byte_at = time.monotonic()
+            if deadline is not None:
+                loop.remove_timeout(deadline)
+            on_head(transfer)
+            while early and not transfer.abort_reason:
+                body_chunk(early.pop(0))
 
         def body_chunk(chunk: bytes) -> None:
             if transfer.abort_reason:
                 return
             if transfer.first_byte_at is None:
-                # Tornado queues header lines on the IOLoop but hands over the body synchronously
-                # when a transfer completes within one read: hold the body until the head is in.
+                # a body that arrives with the head may be handed over before head_done runs
                 early.append(chunk)
             elif transfer.ok:
                 on_chunk(chunk)
@@ -241,7 +254,9 @@ class Upstream:
 
         loop = IOLoop.current()
         early: list[bytes] = []
-        transfer.request = self._request(req, timeout, header_callback=header_line, streaming_callback=body_chunk)
+        head, head_queued = HeaderLines(), []
+        transfer.request = self._request(req, timeout, streaming_callback=body_chunk,
+                                         prepare_curl_callback=lambda curl: curl.setopt(pycurl.HEADERFUNCTION, header_line))
         deadline = None
         if first_byte_timeout:
             deadline = loop.call_later(first_byte_timeout, self.abort, transfer, "timeout")
