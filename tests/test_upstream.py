@@ -9,7 +9,7 @@ import orjson
 import pytest
 from tornado.netutil import bind_sockets
 
-from tornado_proxy.errors import UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
+from tornado_proxy.errors import ProxyError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
 from tornado_proxy.providers.base import UpstreamRequest
 from tornado_proxy.sse import SseParser
 from tornado_proxy.upstream import HeaderLines, Transfer, Upstream
@@ -344,3 +344,27 @@ async def test_fetch_reply_headers_are_the_providers(upstream, fake_openai):
     assert reply.status == 200 and reply.headers["Content-Type"].startswith("application/json")
     bad = await upstream.fetch(chat(fake_openai, key="sk-wrong"), timeout=10)
     assert bad.status == 401 and bad.headers["Content-Type"].startswith("application/json")
+
+
+async def test_fetch_sends_the_body_exactly_and_no_expect_or_pragma(upstream, fake_openai):
+    text = "héllo 🌍 " + "x" * (2 * 1024 * 1024)  # past libcurl's buffers, non-ASCII
+    reply = await upstream.fetch(chat(fake_openai, user=text), timeout=10)
+    assert reply.status == 200
+    sent = fake_openai.received[-1]
+    assert sent.body["user"] == text and sent.body["messages"] == USER
+    assert sent.headers["content-length"] == str(len(orjson.dumps({"model": "gpt-4o-mini", "messages": USER,
+                                                                   "user": text})))
+    assert "expect" not in sent.headers and "pragma" not in sent.headers
+    assert sent.headers["content-type"] == "application/json"
+
+
+async def test_fetch_refuses_a_header_with_a_line_break(upstream, fake_openai):
+    request = chat(fake_openai)
+    request = UpstreamRequest(request.url, "POST", {**request.headers, "X-Bad": "sk-secret\r\nInjected: 1"},
+                              request.body)
+    for call in (upstream.fetch(request, timeout=10),
+                 upstream.stream(request, 10, None, lambda t: None, lambda c: None, Transfer())):
+        with pytest.raises(ProxyError) as caught:
+            await call
+        assert caught.value.status == 500 and "sk-secret" not in caught.value.message
+    assert fake_openai.received == []

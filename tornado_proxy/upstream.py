@@ -8,8 +8,12 @@ closes the connection at once; ``tests/test_upstream.py`` proves the upstream se
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+import threading
 import time
+from io import BytesIO
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
@@ -19,7 +23,7 @@ from tornado.curl_httpclient import CurlAsyncHTTPClient, CurlError
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.ioloop import IOLoop
 
-from .errors import UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
+from .errors import ProxyError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
 from .providers.base import UpstreamReply, UpstreamRequest
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,12 @@ TIMEOUT_ERRORS = (pycurl.E_OPERATION_TIMEDOUT,)
 CONNECT_ERRORS = (pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY,
                   pycurl.E_SSL_CONNECT_ERROR, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR)
 ABORTED = pycurl.E_ABORTED_BY_CALLBACK
+HTTP_ONLY = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+STOCK_USER_AGENT = "Mozilla/5.0 (compatible; pycurl)"  # what Tornado's setup sends by default
+# libcurl adds these unless given empty (Expect: 100-continue waits for a reply many servers
+# never send), as the stock setup does
+SUPPRESSED_HEADERS = (("Expect", b"Expect: "), ("Pragma", b"Pragma: "))
+CR_OR_LF = re.compile(rb"\r|\n")
 
 
 class AbortableCurlClient(CurlAsyncHTTPClient):
@@ -89,7 +99,11 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
         self._timeout = self.io_loop.add_timeout(deadline, self._handle_timeout)
 
     def _curl_setup_request(self, curl, request, buffer, headers) -> None:
-        super()._curl_setup_request(curl, request, buffer, headers)
+        plain = _unwrap(request)
+        if plain.streaming_callback is None and plain.method in ("POST", "GET"):
+            self._setup_buffered(curl, plain, buffer, headers)
+        else:
+            super()._curl_setup_request(curl, request, buffer, headers)
         # Tornado turns on libcurl's VERBOSE trace whenever DEBUG logging is enabled; the trace
         # holds every request header and body, provider keys included. Never log it.
         curl.setopt(pycurl.VERBOSE, 0)
@@ -97,6 +111,47 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
         # bodies are small, and with hundreds of concurrent streams that was most of a worker's
         # memory. 16 KB is libcurl's minimum.
         curl.setopt(pycurl.UPLOAD_BUFFERSIZE, 16384)
+
+    def _setup_buffered(self, curl: pycurl.Curl, request: HTTPRequest, buffer: BytesIO,
+                        headers: httputil.HTTPHeaders) -> None:
+        """The stock setup for the one kind of request ``Upstream.fetch`` sends (POST or GET; no
+        proxy, credentials, client certificate or redirects; every option given, so no defaults),
+        without reading ~40 attributes through ``_RequestProxy``: 37 -> 9 us a request. The body
+        goes as POSTFIELDS, so libcurl sends it without calling back into Python."""
+        lines = [b"%s: %s" % (name.encode("ascii"), value.encode("latin1")) for name, value in request.headers.get_all()]
+        lines += [header for name, header in SUPPRESSED_HEADERS if name not in request.headers]
+        if any(CR_OR_LF.search(line) for line in lines):
+            raise ValueError("Illegal characters in header (CR or LF)")
+        limit = self.max_body_size
+
+        def write(chunk: bytes) -> int:  # as the stock client: refuse a body past max_body_size
+            if buffer.tell() + len(chunk) > limit:
+                curl.info["body_too_large"] = True
+                return 0
+            return buffer.write(chunk)
+
+        curl.setopt(pycurl.PROTOCOLS, HTTP_ONLY)
+        curl.setopt(pycurl.REDIR_PROTOCOLS, HTTP_ONLY)
+        curl.setopt(pycurl.URL, request.url)
+        curl.setopt(pycurl.HTTPHEADER, lines)
+        curl.setopt(pycurl.HEADERFUNCTION, functools.partial(self._curl_header_callback, headers, None))
+        curl.setopt(pycurl.WRITEFUNCTION, write)
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(1000 * request.connect_timeout))
+        curl.setopt(pycurl.TIMEOUT_MS, int(1000 * request.request_timeout))
+        curl.setopt(pycurl.USERAGENT, request.user_agent or STOCK_USER_AGENT)
+        if request.decompress_response:
+            curl.setopt(pycurl.ENCODING, "gzip,deflate")
+        curl.setopt(pycurl.PROXY, "")  # as the stock client: no proxy taken from the environment
+        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
+        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if request.method == "POST":
+            curl.setopt(pycurl.POSTFIELDS, request.body or b"")
+        elif request.body is not None:
+            raise ValueError("Body must be None for GET request")
+        if threading.active_count() > 1:
+            curl.setopt(pycurl.NOSIGNAL, 1)  # as the stock client: libcurl's signals are not thread-safe
+        if request.prepare_curl_callback is not None:
+            request.prepare_curl_callback(curl)
 
     def abort(self, request: HTTPRequest, message: str) -> bool:
         # fetch() hands the client a _RequestProxy wrapping our request, not the request itself.
@@ -208,6 +263,8 @@ class Upstream:
             response = await self._client.fetch(request, raise_error=False)
         except CurlError as exc:
             raise transport_error(exc.errno, timeout) from None
+        except ValueError:
+            raise unsendable() from None
         except HTTPClientError as exc:  # defensive: raise_error=False returns these as responses
             response = exc.response
         return UpstreamReply(response.code, head, response.body or b"")
@@ -262,6 +319,8 @@ class Upstream:
             deadline = loop.call_later(first_byte_timeout, self.abort, transfer, "timeout")
         try:
             await self._client.fetch(transfer.request, raise_error=False)
+        except ValueError:
+            raise unsendable() from None
         except CurlError as exc:
             if transfer.abort_reason == "timeout":
                 raise UpstreamTimeoutError(
@@ -278,6 +337,13 @@ class Upstream:
         if transfer.abort_reason is None and transfer.request is not None:
             transfer.abort_reason = reason
             self._client.abort(transfer.request, f"aborted: {reason}")
+
+
+def unsendable() -> ProxyError:
+    """libcurl was refused the request (a header value with a line break, in practice). The
+    reason is not echoed: Tornado's words for it quote the header line, key and all."""
+    return ProxyError("The request to the provider could not be built: a header value is invalid (a line "
+                      "break in the deployment's api_key or extra_headers?).")
 
 
 def transport_error(errno: int, timeout: float) -> UpstreamError:
