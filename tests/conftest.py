@@ -24,6 +24,7 @@ from contrib.fake_providers import anthropic as anthropic_fake
 from contrib.fake_providers import gemini as gemini_fake
 from contrib.fake_providers import ollama as ollama_fake
 from contrib.fake_providers import openai_compat
+from contrib.fake_providers.common import listen
 from tornado_proxy import config as config_module
 from tornado_proxy.config import resource_dir
 from tornado_proxy.db import Database
@@ -113,7 +114,7 @@ def empty_pg_dsn(pg_server):
 @contextlib.asynccontextmanager
 async def running_fake(module, state, path: str = ""):
     """Serve a fake provider module on a free port; ``state.base`` is the api_base to configure."""
-    server, port, state = await module.start(state)
+    server, port = listen(module.make_app(state))
     state.port = port
     state.base = f"http://127.0.0.1:{port}{path}"
     try:

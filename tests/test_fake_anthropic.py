@@ -6,8 +6,11 @@ import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from contrib.fake_providers.anthropic import FakeState, start
+from contrib.fake_providers import anthropic as anthropic_fake
+from contrib.fake_providers.anthropic import FakeState
 from tornado_proxy.sse import SseParser
+
+from .conftest import running_fake
 
 KEY = "sk-ant-fake-test-key"
 USER = [{"role": "user", "content": "hello big world"}]
@@ -17,10 +20,8 @@ HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": 
 
 @pytest.fixture
 async def served():
-    server, port, state = await start(FakeState(api_key=KEY))
-    yield state, port
-    server.stop()
-    await server.close_all_connections()
+    async with running_fake(anthropic_fake, FakeState(api_key=KEY)) as state:
+        yield state, state.port
 
 
 @pytest.fixture

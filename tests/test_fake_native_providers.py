@@ -12,6 +12,8 @@ from tornado.httpclient import AsyncHTTPClient
 
 from contrib.fake_providers import gemini, ollama, openai_compat
 
+from .conftest import running_fake
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = "fake-native-key"
 HELLO = {"contents": [{"role": "user", "parts": [{"text": "hello big world"}]}]}
@@ -27,10 +29,8 @@ async def http():
 @pytest.fixture
 async def served(request):
     module, state = request.param
-    server, port, state = await module.start(state)
-    yield state, f"http://127.0.0.1:{port}"
-    server.stop()
-    await server.close_all_connections()
+    async with running_fake(module, state) as state:
+        yield state, state.base
 
 
 def post(http, url, body, headers=None):

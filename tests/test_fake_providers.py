@@ -9,7 +9,10 @@ import openai
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from contrib.fake_providers.openai_compat import FakeState, embedding, start
+from contrib.fake_providers import openai_compat
+from contrib.fake_providers.openai_compat import FakeState, embedding
+
+from .conftest import running_fake
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = "sk-fake-test-key"
@@ -20,10 +23,8 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 @pytest.fixture
 async def served():
-    server, port, state = await start(FakeState(api_key=KEY))
-    yield state, port
-    server.stop()
-    await server.close_all_connections()
+    async with running_fake(openai_compat, FakeState(api_key=KEY)) as state:
+        yield state, state.port
 
 
 @pytest.fixture

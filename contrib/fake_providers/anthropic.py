@@ -11,7 +11,7 @@ answering a ``tool_use`` of the turn before, extra fields on count_tokens), erro
 Replies: "echo: " + the last user message's text, or a ``tool_use`` per city named (Paris when
 none) when tools are offered and the last user message mentions the weather, after a short
 text block, as Claude does. ``stop_sequences`` and ``max_tokens`` (one token per word) cut the
-reply with the right ``stop_reason``. Tests start it with ``await start(FakeState(...))``;
+reply with the right ``stop_reason``. Tests start it with ``common.listen(make_app(FakeState(...)))``;
 standalone: ``python -m contrib.fake_providers.anthropic --port 9002``.
 """
 
@@ -22,11 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import orjson
-import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, listen, run_standalone, standalone_parser
+from .common import FakeHandler, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 CITIES = ("Paris", "London", "Tokyo")
@@ -340,14 +339,6 @@ def make_app(state: FakeState) -> tornado.web.Application:
     return tornado.web.Application(
         [(r"/v1/messages", MessagesHandler, args), (r"/v1/messages/count_tokens", CountTokensHandler, args)],
         default_handler_class=NotFoundHandler, default_handler_args=args, log_function=lambda handler: None)
-
-
-async def start(state: FakeState | None = None, port: int = 0, host: str = "127.0.0.1"
-                ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
-    """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
-    state = state if state is not None else FakeState()
-    server, port = listen(make_app(state), port, host)
-    return server, port, state
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,7 @@ Replies: "echo: " + the last user turn's text (or the last function response's c
 given and the last user text mentions the weather. ``maxOutputTokens`` (one token per word) cuts
 the reply with MAX_TOKENS, ``candidateCount`` gives that many candidates, a JSON
 ``responseMimeType`` wraps the text in a JSON object. Tests start it with
-``await start(FakeState(...))``; standalone: ``python -m contrib.fake_providers.gemini --port 9003``.
+``common.listen(make_app(FakeState(...)))``; standalone: ``python -m contrib.fake_providers.gemini --port 9003``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import orjson
-import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, Received, listen, run_standalone, standalone_parser
+from .common import FakeHandler, Received, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -400,14 +399,6 @@ def make_app(state: FakeState) -> tornado.web.Application:
         [(r"/(v1beta|v1)/models/([^/:]+):(\w+)", ModelHandler, args),
          (r"/(v1beta|v1)/models", ModelsHandler, args)],
         default_handler_class=NotFoundHandler, default_handler_args=args, log_function=lambda handler: None)
-
-
-async def start(state: FakeState | None = None, port: int = 0, host: str = "127.0.0.1"
-                ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
-    """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
-    state = state if state is not None else FakeState()
-    server, port = listen(make_app(state), port, host)
-    return server, port, state
 
 
 def main(argv=None) -> None:

@@ -14,7 +14,7 @@ Replies: "echo: " + the last user message (for /api/generate, the last line of t
 content of the last tool message after a tool call, or a tool call of the first tool with
 ``{"location": "Paris"}`` when tools are given and the last user message mentions the weather.
 ``options.num_predict`` (one token per word) cuts the reply with ``done_reason: "length"``;
-``format`` wraps it in a JSON object. Tests start it with ``await start(FakeState(...))``;
+``format`` wraps it in a JSON object. Tests start it with ``common.listen(make_app(FakeState(...)))``;
 standalone: ``python -m contrib.fake_providers.ollama --port 11434``.
 """
 
@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import orjson
-import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, Received, listen, run_standalone, standalone_parser
+from .common import FakeHandler, Received, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -324,14 +323,6 @@ def make_app(state: FakeState) -> tornado.web.Application:
          (r"/api/embed", EmbedHandler, args), (r"/api/embeddings", LegacyEmbeddingsHandler, args),
          (r"/api/tags", TagsHandler, args), (r"/api/version", VersionHandler, args), (r"/", RootHandler, args)],
         default_handler_class=NotFoundHandler, default_handler_args=args, log_function=lambda handler: None)
-
-
-async def start(state: FakeState | None = None, port: int = 0, host: str = "127.0.0.1"
-                ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
-    """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
-    state = state if state is not None else FakeState()
-    server, port = listen(make_app(state), port, host)
-    return server, port, state
 
 
 def main(argv=None) -> None:

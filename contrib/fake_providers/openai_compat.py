@@ -5,7 +5,7 @@ from the path, ``api-version`` is required (404 "Resource not found" without it)
 gets Azure's 401 body, and chat replies carry ``prompt_filter_results`` (a stream opens with a
 chunk that has no choices, only those results).
 
-Tests start it in-process with `await start(FakeState(...))`, turn the knobs on the returned
+Tests serve it in-process with `common.listen(make_app(FakeState(...)))`, turn the knobs on the
 state and assert on `state.received`. The benchmark runs it standalone:
 
     python -m contrib.fake_providers.openai_compat --port 9001 --latency 0.05 --chunks 20
@@ -22,11 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import orjson
-import tornado.httpserver
 import tornado.web
 from tornado.iostream import StreamClosedError
 
-from .common import FakeHandler, Received, listen, run_standalone, standalone_parser
+from .common import FakeHandler, Received, run_standalone, standalone_parser
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 FINGERPRINT = "fp_fake00001"
@@ -381,14 +380,6 @@ def make_app(state: FakeState) -> tornado.web.Application:
         default_handler_args=args,
         log_function=lambda handler: None,  # no access log: cheap under the benchmark
     )
-
-
-async def start(state: FakeState | None = None, port: int = 0, host: str = "127.0.0.1"
-                ) -> tuple[tornado.httpserver.HTTPServer, int, FakeState]:
-    """Start the fake on ``host:port`` (0 = a free port); returns (server, port, state)."""
-    state = state if state is not None else FakeState()
-    server, port = listen(make_app(state), port, host)
-    return server, port, state
 
 
 def main(argv=None) -> None:
