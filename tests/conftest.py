@@ -12,6 +12,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import openai
 import orjson
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -109,6 +110,13 @@ def empty_pg_dsn(pg_server):
     admin_sql(pg_server, f"CREATE DATABASE {name}")
     yield psycopg2.extensions.make_dsn(pg_server, dbname=name)
     admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def client(gw):
+    """The official openai SDK on the test module's ``gw`` gateway (no retries)."""
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
+        yield c
 
 
 @contextlib.asynccontextmanager

@@ -38,12 +38,6 @@ async def gw(gateway, fake_anthropic):
     return await gateway(config_yaml(fake_anthropic))
 
 
-@pytest.fixture
-async def client(gw):
-    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
-        yield c
-
-
 def sent(fake) -> dict:
     return fake.received[-1].body
 

@@ -2,7 +2,6 @@
 gateway to the fake Azure OpenAI paths (``/openai/deployments/<name>/...?api-version=...``,
 ``api-key``), plain, streaming, tools, embeddings, legacy completions, and Azure's errors."""
 
-import openai
 import orjson
 import pytest
 
@@ -41,12 +40,6 @@ async def gw(gateway, fake_openai):
     env = {"AZURE_API_BASE": f"http://127.0.0.1:{fake_openai.port}/", "AZURE_API_KEY": PROVIDER_KEY,
            "AZURE_API_VERSION": "2025-04-01-preview"}
     return await gateway(config_yaml(fake_openai), env=env)
-
-
-@pytest.fixture
-async def client(gw):
-    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
-        yield c
 
 
 def assert_azure_auth(sent) -> None:

@@ -49,12 +49,6 @@ async def gw(gateway, fake_gemini):
     return await gateway(config_yaml(fake_gemini))
 
 
-@pytest.fixture
-async def client(gw):
-    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
-        yield c
-
-
 def assert_gemini_auth(sent) -> None:
     """The key went in x-goog-api-key, nowhere else; the client's key never went upstream."""
     assert sent.headers["x-goog-api-key"] == PROVIDER_KEY

@@ -46,12 +46,6 @@ async def gw(gateway, fake_ollama):
     return await gateway(config_yaml(fake_ollama))
 
 
-@pytest.fixture
-async def client(gw):
-    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
-        yield c
-
-
 def assert_no_keys_upstream(sent) -> None:
     assert "authorization" not in sent.headers  # Ollama has no key unless one is configured
     assert MASTER_KEY not in orjson.dumps(sent.headers).decode()

@@ -57,12 +57,6 @@ async def gw(gateway, fake_openai):
     return await gateway(config_yaml(fake_openai))
 
 
-@pytest.fixture
-async def client(gw):
-    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
-        yield c
-
-
 def assert_no_client_key_upstream(fake):
     for r in fake.received:
         assert r.headers.get("authorization") == f"Bearer {PROVIDER_KEY}"

@@ -52,12 +52,6 @@ async def gw(gateway, fake_openai):
     return await gateway(config_yaml(fake_openai))
 
 
-@pytest.fixture
-async def client(gw):
-    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=MASTER_KEY, max_retries=0) as c:
-        yield c
-
-
 def sse_payloads(body: bytes) -> list[bytes]:
     parser = SseParser()
     return [e.data for e in parser.feed(body) + parser.close()]
