@@ -282,10 +282,12 @@ class Upstream:
         def header_line(line: bytes) -> None:
             # libcurl's HEADERFUNCTION (inside socket_action, where curl must not be re-entered):
             # the complete head goes to the caller in one IOLoop callback (Tornado's own header
-            # callback would parse every line and queue a callback per line).
+            # callback would parse every line and queue a callback per line). Once only: libcurl
+            # also hands trailer lines of a chunked body to this function.
+            nonlocal head_queued
             head.add(line)
-            if head.complete and transfer.first_byte_at is None and not head_queued:
-                head_queued.append(True)
+            if head.complete and not head_queued:
+                head_queued = True
                 loop.add_callback(head_done)
 
         def head_done() -> None:
@@ -312,7 +314,7 @@ class Upstream:
 
         loop = IOLoop.current()
         early: list[bytes] = []
-        head, head_queued = HeaderLines(), []
+        head, head_queued = HeaderLines(), False
         transfer.request = self._request(req, timeout, streaming_callback=body_chunk,
                                          prepare_curl_callback=lambda curl: curl.setopt(pycurl.HEADERFUNCTION, header_line))
         deadline = None
