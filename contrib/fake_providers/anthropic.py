@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import orjson
 import tornado.web
-from tornado.iostream import StreamClosedError
 
 from .common import FakeHandler, run_standalone, standalone_parser
 
@@ -292,28 +291,17 @@ class MessagesHandler(BaseHandler):
         for i, (name, data) in enumerate(head + content + tail):
             if name == "content_block_delta":
                 if deltas == state.fail_mid_stream_after:
-                    self.streaming = False
-                    self.detach().close()
-                    return
+                    return self.cut_stream()
                 if deltas == state.error_mid_stream_after:
                     self.write(b"event: error\ndata: " + orjson.dumps(OVERLOADED_EVENT) + b"\n\n")
                     self.streaming = False
                     await self.flush()
                     return self.finish()
                 deltas += 1
-            if i and state.chunk_delay:
-                await self.pause(state.chunk_delay)
-            if not self.streaming:
+            if not await self.send_frame(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n",
+                                         after_delay=i > 0):
                 return
-            self.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
-            try:
-                await self.flush()
-            except StreamClosedError:
-                self.on_connection_close()
-                return
-        self.streaming = False
-        state.streams_finished += 1
-        self.finish()
+        self.end_stream()
 
 
 class CountTokensHandler(BaseHandler):

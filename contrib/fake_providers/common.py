@@ -11,6 +11,7 @@ import orjson
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+from tornado.iostream import StreamClosedError
 
 
 @dataclass
@@ -58,6 +59,32 @@ class FakeHandler(tornado.web.RequestHandler):
             await self.wake
         finally:
             timer.cancel()
+
+    async def send_frame(self, frame: bytes, after_delay: bool = True) -> bool:
+        """Write one stream frame, after ``state.chunk_delay`` unless told otherwise, and flush
+        it. False once the client has gone: the caller stops streaming."""
+        if after_delay and self.state.chunk_delay:
+            await self.pause(self.state.chunk_delay)
+        if not self.streaming:
+            return False
+        self.write(frame)
+        try:
+            await self.flush()
+        except StreamClosedError:
+            self.on_connection_close()
+            return False
+        return True
+
+    def cut_stream(self) -> None:
+        """Drop the connection mid-stream: no terminating chunk, no end event."""
+        self.streaming = False
+        self.detach().close()
+
+    def end_stream(self) -> None:
+        """The stream is complete: count it and finish the response."""
+        self.streaming = False
+        self.state.streams_finished += 1
+        self.finish()
 
     def on_connection_close(self) -> None:
         if self.wake is not None and not self.wake.done():

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import orjson
 import tornado.web
-from tornado.iostream import StreamClosedError
 
 from .common import FakeHandler, Received, run_standalone, standalone_parser
 
@@ -354,25 +353,14 @@ class ModelHandler(BaseHandler):
             self.set_header("content-type", "text/event-stream")
         for k, event in enumerate(events):
             if k == state.fail_mid_stream_after:
-                self.streaming = False
-                self.detach().close()
-                return
-            if k and state.chunk_delay:
-                await self.pause(state.chunk_delay)
-            if not self.streaming:
-                return
+                return self.cut_stream()
             data = orjson.dumps(event)
-            self.write(b"data: " + data + b"\r\n\r\n" if sse else (b"[" if k == 0 else b",\r\n") + data)
-            try:
-                await self.flush()
-            except StreamClosedError:
-                self.on_connection_close()
+            if not await self.send_frame(b"data: " + data + b"\r\n\r\n" if sse else (b"[" if k == 0 else b",\r\n") + data,
+                                         after_delay=k > 0):
                 return
         if not sse:
             self.write(b"]")
-        self.streaming = False
-        state.streams_finished += 1
-        self.finish()
+        self.end_stream()
 
 
 class ModelsHandler(BaseHandler):

@@ -30,7 +30,6 @@ from datetime import datetime, timezone
 
 import orjson
 import tornado.web
-from tornado.iostream import StreamClosedError
 
 from .common import FakeHandler, Received, run_standalone, standalone_parser
 
@@ -198,26 +197,14 @@ class BaseHandler(FakeHandler):
         self.set_header("content-type", "application/x-ndjson")
         for k, line in enumerate(lines + [last]):
             if k == state.fail_mid_stream_after:
-                self.streaming = False
-                self.detach().close()
-                return
+                return self.cut_stream()
             if k == state.error_mid_stream_after:
                 self.write(orjson.dumps({"error": MESSAGES[500]}) + b"\n")
                 self.streaming = False
                 return self.finish()
-            if k and state.chunk_delay:
-                await self.pause(state.chunk_delay)
-            if not self.streaming:
+            if not await self.send_frame(orjson.dumps(line) + b"\n", after_delay=k > 0):
                 return
-            self.write(orjson.dumps(line) + b"\n")
-            try:
-                await self.flush()
-            except StreamClosedError:
-                self.on_connection_close()
-                return
-        self.streaming = False
-        state.streams_finished += 1
-        self.finish()
+        self.end_stream()
 
 
 class ChatHandler(BaseHandler):

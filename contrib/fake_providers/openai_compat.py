@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import orjson
 import tornado.web
-from tornado.iostream import StreamClosedError
 
 from .common import FakeHandler, Received, run_standalone, standalone_parser
 
@@ -225,31 +224,12 @@ class BaseHandler(FakeHandler):
         cut = None if state.fail_mid_stream_after is None else len(head) + state.fail_mid_stream_after
         for i, event in enumerate(head + content + tail):
             if i == cut:
-                self.streaming = False
-                self.detach().close()  # abrupt close: no terminating chunk, no [DONE]
+                return self.cut_stream()  # no [DONE]
+            comment = OPENROUTER_COMMENT if state.openrouter_comments else b""
+            if not await self.send_frame(comment + b"data: " + orjson.dumps(event) + b"\n\n", after_delay=i > 0):
                 return
-            if i and state.chunk_delay:
-                await self.pause(state.chunk_delay)
-            if not self.streaming:  # the client went away
-                return
-            if state.openrouter_comments:
-                self.write(OPENROUTER_COMMENT)
-            self.write(b"data: " + orjson.dumps(event) + b"\n\n")
-            if not await self._flush():
-                return
-        self.write(b"data: [DONE]\n\n")
-        if await self._flush():
-            self.streaming = False
-            state.streams_finished += 1
-            self.finish()
-
-    async def _flush(self) -> bool:
-        try:
-            await self.flush()
-            return True
-        except StreamClosedError:
-            self.on_connection_close()
-            return False
+        if await self.send_frame(b"data: [DONE]\n\n", after_delay=False):
+            self.end_stream()
 
 
 class ChatCompletionsHandler(BaseHandler):
