@@ -26,7 +26,7 @@ setup(
         ("share/tornado-proxy/sql", [str(p.relative_to(HERE)) for p in sorted((HERE / "sql").glob("*.sql"))]),
     ],
     install_requires=[
-        "tornado>=6.4,<7",
+        "tornado>=6.6,<6.7",  # httpserver.py and upstream.py lean on its internals (tests guard them)
         "pycurl>=7.45.3",
         "aiopg>=1.4",
         "psycopg2-binary>=2.9.9",

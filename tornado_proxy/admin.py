@@ -47,6 +47,8 @@ class ModelWriteHandler(BaseHandler):
     """Base of /model/new, /model/update, /model/delete: needs database storage; a database
     outage is a 503 (nothing is half-written: each write is one statement)."""
 
+    body_limit = 1024 * 1024
+
     def store(self) -> ModelStore:
         store = self.gw.catalog.store
         if store is None:
@@ -129,6 +131,12 @@ class ReadinessHandler(BaseHandler):
 
 
 class MetricsHandler(BaseHandler):
+    @property
+    def auth_level(self) -> str:
+        # general_settings.require_auth_for_metrics_endpoint, as in LiteLLM: then any key the
+        # gateway accepts may read it; otherwise the route's level (open by default)
+        return "key" if self.gw.settings.require_auth_for_metrics_endpoint else self.route.auth
+
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.gw.metrics.render())

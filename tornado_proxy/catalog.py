@@ -71,7 +71,7 @@ class Catalog:
             log.warning("database storage is off: %s", problem)
         elif config.settings.store_model_in_db:
             self.store = ModelStore(make_database(config), cipher_for(config.settings, config.environ),
-                                    config.environ)
+                                    config.environ, config.own_env)
             self.db_state = DISCONNECTED
 
     @staticmethod
@@ -177,7 +177,7 @@ class Catalog:
         self._yaml = self._yaml_deployments(config)
         self.registry = self._build()
         if self.store is not None:
-            self.store.environ = config.environ
+            self.store.environ, self.store.own_env = config.environ, config.own_env
             try:
                 await self.connect()
             except DatabaseUnavailable as exc:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, logscrub
 from .app import log_startup_warnings, validate
-from .config import Config, ConfigError, Secret, load
+from .config import SECRET_KEY, Config, ConfigError, Secret, is_secret_name, load
 
 log = logging.getLogger("tornado_proxy")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -31,6 +31,15 @@ def setup_logging(level: str) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
     access.propagate = False
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Every secret value the config knows of, for the log filter: the master key, the database
+    URL, secret-named model parameters and secret-named environment variables."""
+    values = [s.reveal() for s in (config.settings.master_key, config.settings.database_url) if s]
+    values += [str(v) for m in config.models for k, v in m.litellm_params.items() if is_secret_name(k) and v]
+    values += [v for k, v in config.environ.items() if SECRET_KEY.search(k) and v]
+    return values
 
 
 def default_config_path() -> str:
@@ -79,6 +88,7 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
         config = use_embedded(config)
     validate_or_exit(config)  # before forking: a bad route or model stops start-up once, with the file named
     setup_logging(log_level or config.settings.log_level)
+    logscrub.install(config_secrets(config))
     workers = num_workers if num_workers is not None else config.settings.num_workers
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--num-workers / NUM_WORKERS")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -32,6 +33,29 @@ SECRET_KEY = re.compile(r"key|secret|token|password|credential|database_url", re
 # vertex_credentials, an Authorization header, ... (but not max_tokens or input_cost_per_token).
 SECRET_PARAM = re.compile(r"(key|(?<!_per)_token|secret|password|credentials?)$|secret|password|credential|"
                           r"^authorization$", re.IGNORECASE)
+
+
+# Environment variables that hold the gateway's own secrets. A model created through the admin
+# API may not read them by reference (``"api_key": "os.environ/DATABASE_URL"`` would send the
+# value to any host the caller names); nor any variable the config's settings sections read.
+OWN_SECRET_ENVS = frozenset({"LITELLM_MASTER_KEY", "LITELLM_SALT_KEY", "DATABASE_URL", "DIRECT_URL",
+                             "UI_USERNAME", "UI_PASSWORD", "LITELLM_LICENSE", "KEEPALIVE_TIMEOUT"})
+OWN_SECRET_PREFIXES = ("LITELLM_", "REDIS_", "PG", "SSL_", "DATABASE_")
+
+
+def is_own_secret_env(name: str, config_refs: frozenset[str] = frozenset()) -> bool:
+    return name in OWN_SECRET_ENVS or name.startswith(OWN_SECRET_PREFIXES) or name in config_refs
+
+
+def env_refs(value: Any) -> set[str]:
+    """The NAMEs of every ``os.environ/NAME`` string in ``value``, at any depth."""
+    if isinstance(value, str):
+        return {value[len(ENV_PREFIX):]} if value.startswith(ENV_PREFIX) else set()
+    if isinstance(value, dict):
+        return set().union(*map(env_refs, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(env_refs, value)) if value else set()
+    return set()
 
 
 def is_secret_name(name: str) -> bool:
@@ -114,6 +138,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds to establish an upstream connection."),
     Setting("graceful_shutdown_timeout", "general_settings", None, 30.0, float,
             "Seconds in-flight requests and streams get to finish after SIGTERM."),
+    Setting("require_auth_for_metrics_endpoint", "general_settings", None, False, bool,
+            "`/metrics` needs a key (any key the gateway accepts); off, it is open as in LiteLLM."),
+    Setting("trusted_proxies", "general_settings", None, (), tuple,
+            "Addresses or CIDR ranges of the load balancers in front of the gateway. Only from these is "
+            "X-Forwarded-For / X-Real-Ip believed (for the access log's remote_ip); from anyone else it is ignored."),
+    Setting("keepalive_timeout", "general_settings", "KEEPALIVE_TIMEOUT", 75.0, float,
+            "Seconds an idle client connection is kept open (`--keepalive_timeout`). Keep it above your load "
+            "balancer's idle timeout (AWS ALB: 60 s) so that the balancer, not the gateway, closes idle connections."),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -125,6 +157,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_timeout", "router_settings", None, None, float,
             "Default seconds to the first streamed byte when a deployment sets none."),
 )
+SETTINGS_SECTIONS = ("general_settings", "router_settings", "litellm_settings")
 KNOWN_SECTIONS = ("routes", "model_list", "general_settings", "router_settings",
                   "litellm_settings", "environment_variables")
 
@@ -142,6 +175,9 @@ class Settings:
     upstream_max_connections: int = 1000
     upstream_connect_timeout: float = 10.0
     graceful_shutdown_timeout: float = 30.0
+    require_auth_for_metrics_endpoint: bool = False
+    trusted_proxies: tuple = ()  # ipaddress networks
+    keepalive_timeout: float = 75.0
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"
@@ -181,6 +217,7 @@ class Config:
     router_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
     litellm_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
     ignored: tuple[str, ...] = ()
+    own_env: frozenset[str] = frozenset()  # variables the settings sections read (see is_own_secret_env)
 
 
 def resource_dir(name: str) -> Path:
@@ -262,11 +299,27 @@ def coerce(setting: Setting, value: Any, where: str) -> Any:
         if text in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if setting.kind is tuple:  # a list of networks (the only list setting so far)
+        return networks(value, where)
     try:
         converted = setting.kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {setting.kind.__name__}, got {value!r}") from None
     return Secret(converted) if setting.secret else converted
+
+
+def networks(value: Any, where: str) -> tuple:
+    """A YAML list (or a comma-separated string) of addresses and CIDR ranges."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of addresses or CIDR ranges")
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{where}: {item!r} is not an IP address or CIDR range") from None
+    return tuple(out)
 
 
 def build_settings(sections: Mapping[str, Mapping[str, Any]], environ: Mapping[str, str],
@@ -359,4 +412,5 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         general_settings=resolved.get("general_settings") or {},
         router_settings=resolved.get("router_settings") or {},
         litellm_settings=resolved.get("litellm_settings") or {},
-        ignored=ignored_keys(doc))
+        ignored=ignored_keys(doc),
+        own_env=frozenset(env_refs({k: doc.get(k) for k in SETTINGS_SECTIONS if isinstance(doc.get(k), dict)})))

@@ -66,6 +66,11 @@ class RequestTooLargeError(ProxyError):
     type = "invalid_request_error"
 
 
+class HeadersTooLargeError(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+
+
 class RateLimitError(ProxyError):
     status = 429
     type = "rate_limit_error"

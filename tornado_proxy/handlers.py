@@ -4,6 +4,7 @@ scrubbed access log) and the LLM endpoint handlers."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import time
 import uuid
@@ -28,6 +29,8 @@ ALL_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 MAX_PENDING_STREAM_BYTES = 8 * 1024 * 1024  # a client this far behind is dropped, upstream aborted
 DONE_EVENT = format_event(DONE)
 MAX_JSON_DEPTH = 254  # orjson encodes no deeper, so a deeper body could never be forwarded
+SMALL_BODY_LIMIT = 64 * 1024  # routes that read no body, or a small one (GET, health, metrics)
+DRAIN_LIMIT = 64 * 1024  # a refused request's body up to this is read and dropped (keep-alive)
 
 
 @dataclass
@@ -44,20 +47,24 @@ class CallContext:
     stream: bool = False
 
 
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
+    """Every route streams its body: ``prepare`` (auth, the route's body limit) runs on the
+    head alone, so nothing is read for a caller who is refused, and no route buffers more than
+    its limit (Tornado enforces it per request through ``set_max_body_size``)."""
+
     SUPPORTED_METHODS = ALL_METHODS
+    body_limit: int | None = SMALL_BODY_LIMIT  # bytes; None: general_settings.max_request_size_mb
 
     def initialize(self, gw, route=None) -> None:
         self.gw = gw
         self.route = route
-        if route is not None:
-            self.SUPPORTED_METHODS = tuple(route.methods)
         self.ctx = CallContext(call_id=str(uuid.uuid4()), started=time.perf_counter())
         self.principal = None
         self._body_parts: list[bytes] = []
-        self._body_size = 0
-        self._body_too_large = False
+        self.refused: ProxyError | None = None  # an error answered once the body has been dropped
         self._in_flight = False
+        self._ended = False
         self.set_default_headers()
 
     def set_default_headers(self) -> None:
@@ -65,41 +72,70 @@ class BaseHandler(tornado.web.RequestHandler):
         if ctx is not None:
             self.set_header("x-litellm-call-id", ctx.call_id)
 
+    @property
+    def auth_level(self) -> str:
+        return self.route.auth
+
     async def prepare(self) -> None:
         self.gw.begin()
         self._in_flight = True
+        try:
+            self.admit()
+        except ProxyError as error:
+            if not self.drainable():
+                raise  # answered now, unread; write_error announces Connection: close
+            # A small body is read and dropped first, then the error answered: the client can
+            # reuse the connection (Tornado closes one answered before its body was read).
+            self.refused = error
+            self.request.connection.set_max_body_size(DRAIN_LIMIT)
+            setattr(self, self.request.method.lower(), self.refuse)  # what Tornado calls once the body is in
+
+    def admit(self) -> None:
+        """Route, method, key and body limit, from the head alone."""
         if self.route is None:
             raise NotFoundError(f"Route not found: {self.request.method} {self.request.path}")
-        self.principal = authenticate(self.request.headers, self.route.auth, self.gw.settings.master_key)
-        authorize(self.principal, self.route.auth)
+        if self.request.method not in self.route.methods:
+            raise MethodNotAllowedError(f"Method {self.request.method} is not allowed on {self.request.path}.",
+                                        headers={"Allow": ", ".join(sorted(self.route.methods))})
+        self.principal = authenticate(self.request.headers, self.auth_level, self.gw.settings.master_key)
+        authorize(self.principal, self.auth_level)
+        limit = self.max_body_bytes
+        self.request.connection.set_max_body_size(limit)  # a longer chunked body: 413, unread
         length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            self._body_too_large = True
-            if int(length) > 4 * self.max_body_bytes:
-                raise self.too_large()  # not worth reading: answer now, the connection closes
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise self.too_large()
+
+    def drainable(self) -> bool:
+        """No body, or a declared one small enough to read and drop before answering an error."""
+        headers = self.request.headers
+        if "Transfer-Encoding" in headers:
+            return False
+        length = headers.get("Content-Length")
+        return length is None or (length.isdigit() and int(length) <= DRAIN_LIMIT)
+
+    def refuse(self, *_args, **_kwargs) -> None:
+        raise self.refused
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.gw.settings.max_request_size_mb * 1024 * 1024)
+        configured = int(self.gw.settings.max_request_size_mb * 1024 * 1024)
+        return configured if self.body_limit is None else min(self.body_limit, configured)
 
     def too_large(self) -> RequestTooLargeError:
+        if self.body_limit is not None and self.body_limit < self.gw.settings.max_request_size_mb * 1024 * 1024:
+            return RequestTooLargeError(f"Request body is too large: {self.request.path} accepts at most "
+                                        f"{self.body_limit // 1024} KB.", param="request_body")
         return RequestTooLargeError(
             f"Request body is too large: the limit is {self.gw.settings.max_request_size_mb:g} MB "
             "(general_settings.max_request_size_mb).", param="request_body")
 
     def data_received(self, chunk: bytes) -> None:
-        self._body_size += len(chunk)
-        if self._body_size > self.max_body_bytes:
-            self._body_too_large = True
-            self._body_parts = []
-        elif not self._body_too_large:
-            self._body_parts.append(chunk)
+        if self.refused is None:
+            self._body_parts.append(chunk)  # at most the route's limit: Tornado stops the read past it
 
     def json_body(self) -> dict:
         """The request body: size-checked, decoded and validated against the route's schema."""
-        if self._body_too_large:
-            raise self.too_large()
-        raw = b"".join(self._body_parts) if self._body_parts else self.request.body
+        raw = b"".join(self._body_parts)
         if not raw or not raw.strip():
             raise InvalidRequestError("Request body is empty; send a JSON object.", param="request_body")
         try:
@@ -137,7 +173,7 @@ class BaseHandler(tornado.web.RequestHandler):
             error = exc
         elif status_code == 405:
             error = MethodNotAllowedError(f"Method {self.request.method} is not allowed on {self.request.path}.")
-            self.set_header("Allow", ", ".join(sorted(self.SUPPORTED_METHODS)))
+            self.set_header("Allow", ", ".join(sorted(self.route.methods if self.route else ALL_METHODS)))
         elif status_code == 404:
             error = NotFoundError(f"Route not found: {self.request.method} {self.request.path}")
         elif status_code < 500:
@@ -147,8 +183,17 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(error.status)
         for name, value in error.headers.items():
             self.set_header(name, value)
+        if not self.body_complete:
+            # answered before the body was read: Tornado closes the connection after this
+            # response, so say so (a client reusing it would meet a reset)
+            self.set_header("Connection", "close")
         self.set_header("Content-Type", "application/json")
         self.finish(self.error_body(error))
+
+    @property
+    def body_complete(self) -> bool:
+        """The whole request body has arrived (Tornado resolves this future at its end)."""
+        return self.request._body_future.done()
 
     def error_body(self, error: ProxyError) -> bytes:
         """An error as this endpoint's clients read it (OpenAI's shape unless overridden)."""
@@ -162,11 +207,26 @@ class BaseHandler(tornado.web.RequestHandler):
                   self.request.path, exc_info=(typ, value, tb))
 
     def on_finish(self) -> None:
-        elapsed = time.perf_counter() - self.ctx.started
         status = self.get_status()
         transfer = getattr(self, "transfer", None)
         if transfer is not None and transfer.abort_reason == "client":
             status = 499  # the client went away first (nginx's code for it)
+        self.end_request(status)
+
+    def on_connection_close(self) -> None:
+        upload_cut = not self._finished and not self.body_complete
+        super().on_connection_close()  # fails the body future: Tornado then never runs the method
+        if upload_cut:
+            # nothing else will end this request: no handler method, no finish(), no on_finish()
+            error = getattr(self.request.connection, "framing_error", None)
+            self.end_request(error.status if error is not None else 499)
+
+    def end_request(self, status: int) -> None:
+        """Once per request, whichever way it ended: in-flight count, metrics, access log."""
+        if self._ended:
+            return
+        self._ended = True
+        elapsed = time.perf_counter() - self.ctx.started
         route = self.route.path if self.route else "(unmatched)"
         self.gw.record(route, self.ctx, status, elapsed, began=self._in_flight)
         if access_log.isEnabledFor(logging.INFO):
@@ -182,7 +242,41 @@ class BaseHandler(tornado.web.RequestHandler):
             "deployment_id": d.id if d else None, "provider": d.provider if d else None,
             "total_ms": round(elapsed * 1000, 3), "upstream_ms": round(self.ctx.upstream_s * 1000, 3),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "stream": self.ctx.stream, "remote_ip": self.request.remote_ip}).decode()
+            "stream": self.ctx.stream, "remote_ip": self.client_ip}).decode()
+
+    @property
+    def client_ip(self) -> str:
+        """The caller's address. X-Forwarded-For / X-Real-Ip are believed only when the peer is
+        one of ``general_settings.trusted_proxies``; then the nearest untrusted hop counts."""
+        peer = self.request.remote_ip
+        trusted = self.gw.settings.trusted_proxies
+        if not trusted or not in_networks(peer, trusted):
+            return peer
+        hops = [h.strip() for h in self.request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        real = self.request.headers.get("X-Real-Ip", "").strip()
+        for hop in reversed(hops or [real]):
+            if not is_ip(hop):
+                break  # garbage in the chain: trust nothing left of it
+            if not in_networks(hop, trusted):
+                return hop
+            peer = hop
+        return peer
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def in_networks(address: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 class NotFoundHandler(BaseHandler):
@@ -214,6 +308,7 @@ class OpenAIOutput:
 
 class LLMHandler(BaseHandler):
     endpoint = "chat"
+    body_limit = None
     streams = True
     output = OpenAIOutput
     transfer: Transfer | None = None
@@ -240,9 +335,9 @@ class LLMHandler(BaseHandler):
     def deployment_for(self, body: dict) -> Deployment:
         self.ctx.requested_model = body["model"]
         d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
-        # set only once resolved: the model group is a metrics label, and a client's made-up
-        # model names must not create unbounded series
-        self.ctx.model_group = body["model"]
+        # The metrics label is the configured group (a wildcard's pattern, an alias's target),
+        # never the requested name: made-up names under a wildcard must not create series.
+        self.ctx.model_group = d.model_name
         self.ctx.deployment = d
         if d.problem:
             raise InvalidRequestError(d.problem, param="model")
@@ -259,7 +354,7 @@ class LLMHandler(BaseHandler):
 
     def set_model_headers(self, d: Deployment) -> None:
         self.set_header("x-litellm-model-id", d.id)
-        self.set_header("x-litellm-model-group", self.ctx.model_group)
+        self.set_header("x-litellm-model-group", self.ctx.requested_model)
         self.set_header("x-litellm-model-api-base", d.public_api_base)
 
     def set_duration_headers(self) -> None:
@@ -374,25 +469,22 @@ class LLMHandler(BaseHandler):
     def on_connection_close(self) -> None:
         if self.transfer is not None:
             self.gw.upstream.abort(self.transfer, "client")
+        super().on_connection_close()
 
 
-@tornado.web.stream_request_body
 class ChatCompletionsHandler(LLMHandler):
     endpoint = "chat"
 
 
-@tornado.web.stream_request_body
 class CompletionsHandler(LLMHandler):
     endpoint = "completions"
 
 
-@tornado.web.stream_request_body
 class EmbeddingsHandler(LLMHandler):
     endpoint = "embeddings"
     streams = False
 
 
-@tornado.web.stream_request_body
 class MessagesHandler(LLMHandler):
     """``POST /v1/messages``: the Anthropic Messages API for every model. ``anthropic/`` models
     get the body as it came (model rewritten) and their reply or event stream goes back as is;
@@ -423,7 +515,6 @@ class MessagesHandler(LLMHandler):
         return orjson.dumps(error.to_anthropic_body())
 
 
-@tornado.web.stream_request_body
 class MessagesCountTokensHandler(MessagesHandler):
     """``POST /v1/messages/count_tokens``: asked of Anthropic for ``anthropic/`` models, counted
     in-process where the provider's own count is known (``mock/``), and otherwise a 400: a

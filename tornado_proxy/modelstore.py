@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .config import ConfigError, ModelSpec, is_secret_name, resolve_env, resource_dir
+from .config import (ConfigError, ModelSpec, env_refs, is_own_secret_env, is_secret_name, resolve_env,
+                     resource_dir)
 from .crypt import Cipher, DecryptError
 from .errors import InvalidRequestError, NotFoundError
 from .registry import build_deployment, derive_id
@@ -108,8 +109,12 @@ def same(a: ModelRow, b: ModelRow, cipher: Cipher) -> bool:
         return False
 
 
-def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str]) -> tuple[ModelSpec, str | None]:
-    """A stored row as the registry takes it; the second value is why it cannot be served."""
+def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str],
+            own_env: frozenset[str] = frozenset()) -> tuple[ModelSpec, str | None]:
+    """A stored row as the registry takes it; the second value is why it cannot be served.
+
+    A model added through the API may not read the gateway's own secrets by reference: such a
+    reference resolves to nothing and the model is reported, not served."""
     problem = None
     params = dict(row.litellm_params)
     try:
@@ -117,6 +122,12 @@ def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str]) ->
             params = cipher.open(params)
     except DecryptError as exc:
         problem = str(exc)
+    if row.source == "api":
+        refused = sorted(n for n in env_refs(params) if is_own_secret_env(n, own_env))
+        if refused:
+            problem = (f"litellm_params reads os.environ/{refused[0]}, one of the gateway's own secrets; a model "
+                       "added through the API may only reference provider variables")
+            environ = {k: v for k, v in environ.items() if k not in refused}
     missing: list[str] = []
     params = resolve_env(params, environ, missing)
     return ModelSpec(model_name=row.model_name, litellm_params=params, model_info=dict(row.model_info),
@@ -126,8 +137,10 @@ def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str]) ->
 class ModelStore:
     """The database side of the registry, for one gateway (or one ``proxyctl sync``)."""
 
-    def __init__(self, db: Database, cipher: Cipher | None, environ: Mapping[str, str]):
+    def __init__(self, db: Database, cipher: Cipher | None, environ: Mapping[str, str],
+                 own_env: frozenset[str] = frozenset()):
         self.db = db
+        self.own_env = own_env
         self.cipher = cipher
         self.environ = environ
 
@@ -156,7 +169,7 @@ class ModelStore:
         for row in await self.db.fetch_models():
             if row.id in exclude_ids:
                 continue
-            spec, problem = spec_of(row, self.cipher, self.environ)
+            spec, problem = spec_of(row, self.cipher, self.environ, self.own_env)
             try:
                 d = build_deployment(spec, self.environ, source="db" if row.source == "api" else "yaml")
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
@@ -173,7 +186,9 @@ class ModelStore:
         spec = ModelSpec(model_name=body["model_name"], litellm_params=dict(body["litellm_params"]),
                          model_info={**(body.get("model_info") or {}), "id": model_id}, where="request")
         resolved, problem = spec_of(ModelRow(model_id, spec.model_name, spec.litellm_params,
-                                             dict(spec.model_info), source), None, self.environ)
+                                             dict(spec.model_info), source), None, self.environ, self.own_env)
+        if problem:
+            raise InvalidRequestError(problem, param="litellm_params")
         resolved = dataclasses.replace(resolved, where="request")  # messages name the request, not a row
         try:
             d = build_deployment(resolved, self.environ, source="db")

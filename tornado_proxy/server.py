@@ -21,15 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from . import metrics
 from .app import Gateway, keep_restart_only, log_startup_warnings, make_application, validate
 from .catalog import make_database, storage_problem
-from .config import Config, ConfigError, Secret, load
+from .config import Config, ConfigError, Secret, Settings, load
 from .errors import DatabaseUnavailable
 from .embedded import EmbeddedPostgres
+from .httpserver import HEADER_READ_CAP, GatewayHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
     if announce:
         log_startup_warnings(config, gw.registry)
     await gw.start()
-    server = HTTPServer(make_application(gw), xheaders=True, max_body_size=max_body_size(config),
-                        idle_connection_timeout=3600, body_timeout=300)
+    server = make_http_server(make_application(gw), config.settings)
     server.add_sockets(sockets)
     if ready is not None:
         ready.set()
@@ -81,9 +80,15 @@ async def reload_worker(gw: Gateway, state_path: Path) -> None:
         log.error("reload failed in this worker, keeping generation %d: %s", gw.catalog.generation, exc)
 
 
-def max_body_size(config: Config) -> int:
-    """Tornado's hard cap sits well above the configured limit: handlers answer 413 themselves."""
-    return int(config.settings.max_request_size_mb * 1024 * 1024 * 4) + 65536
+def make_http_server(app, settings: Settings) -> GatewayHTTPServer:
+    """Tornado's limits are the configured ones: no body over ``max_request_size_mb`` is read
+    (each route narrows it further in ``BaseHandler.prepare``), no head over 1 MB is buffered,
+    and idle keep-alive connections close after ``keepalive_timeout``. X-Forwarded-For is not
+    Tornado's business here: handlers believe it only from ``trusted_proxies``."""
+    body_limit = int(settings.max_request_size_mb * 1024 * 1024)
+    return GatewayHTTPServer(app, xheaders=False, max_body_size=body_limit, max_header_size=HEADER_READ_CAP,
+                             max_buffer_size=max(body_limit, HEADER_READ_CAP) + 65536,
+                             idle_connection_timeout=settings.keepalive_timeout, body_timeout=300)
 
 
 async def drain(gw: Gateway, grace: float) -> None:
