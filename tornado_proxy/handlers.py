@@ -18,6 +18,7 @@ from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, 
 from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest
+from .registry import check_model_name
 from .sse import DONE, format_event
 from .upstream import Transfer
 
@@ -238,7 +239,7 @@ class LLMHandler(BaseHandler):
             await self.relay(provider, d, endpoint, body)
 
     def deployment_for(self, body: dict) -> Deployment:
-        self.ctx.requested_model = body["model"]
+        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
         d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
         # set only once resolved: the model group is a metrics label, and a client's made-up
         # model names must not create unbounded series
