@@ -5,6 +5,7 @@ import orjson
 import pytest
 
 from tornado_proxy.config import ModelSpec
+from tornado_proxy.errors import InvalidRequestError
 from tornado_proxy.providers import PROVIDERS, provider_for
 from tornado_proxy.providers.base import StreamState, UpstreamReply
 from tornado_proxy.providers.openai import AZURE_API_VERSION, AzureProvider
@@ -60,9 +61,16 @@ def test_endpoint_paths(endpoint, path):
 
 
 def test_deployment_name_is_escaped_in_the_path():
-    d = deployment("azure/odd name/x", api_base=BASE)
-    assert "/openai/deployments/odd%20name%2Fx/chat/completions?" in \
+    d = deployment("azure/odd name:x", api_base=BASE)
+    assert "/openai/deployments/odd%20name%3Ax/chat/completions?" in \
         AzureProvider().build_request(d, "chat", {"model": "g"}, False).url
+
+
+@pytest.mark.parametrize("name", ["odd/x", "..", "odd%2Fx", "x?y=1", "x#", "%2e%2e"])
+def test_deployment_name_that_is_not_one_segment_is_refused(name):
+    with pytest.raises(InvalidRequestError) as exc:
+        AzureProvider().build_request(deployment("azure/" + name, api_base=BASE), "chat", {"model": "g"}, False)
+    assert exc.value.status == 400 and exc.value.param == "model"
 
 
 def test_body_passes_through_and_key_goes_in_api_key():

@@ -19,6 +19,7 @@ from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, 
 from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest
+from .registry import check_model_name
 from .sse import DONE, format_event
 from .upstream import Transfer
 
@@ -333,7 +334,7 @@ class LLMHandler(BaseHandler):
             await self.relay(provider, d, endpoint, body)
 
     def deployment_for(self, body: dict) -> Deployment:
-        self.ctx.requested_model = body["model"]
+        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
         d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
         # The metrics label is the configured group (a wildcard's pattern, an alias's target),
         # never the requested name: made-up names under a wildcard must not create series.

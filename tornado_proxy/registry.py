@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 from .config import ConfigError, ModelSpec, Secret, derive_id, is_secret_name, public_url
 from .errors import InvalidRequestError
 from .providers import KNOWN_ELSEWHERE, PROVIDERS, split_model
-from .providers.base import Deployment, ProviderDefaults
+from .providers.base import CONTROL_CHARS, Deployment, ProviderDefaults, path_problem
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,20 @@ DEFAULT_REQUEST_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", 
                           "presence_penalty", "stop", "seed", "response_format", "reasoning_effort", "user",
                           "drop_params")
 NEEDS_API_BASE = ("hosted_vllm", "openai_like", "azure")
+# A requested model name becomes a response header, a log field and (through a wildcard) part
+# of a provider's URL: longer than any real model id, it is refused rather than carried around.
+MAX_MODEL_NAME = 256
+
+
+def check_model_name(model: str) -> str:
+    """``model`` as a client sent it, if it is fit to resolve: not too long, no control
+    characters (they would split a header or a log line). A 400 on ``model`` otherwise; the
+    message never repeats the name."""
+    if len(model) > MAX_MODEL_NAME:
+        raise InvalidRequestError(f"Invalid model name: longer than {MAX_MODEL_NAME} characters.", param="model")
+    if CONTROL_CHARS.search(model):
+        raise InvalidRequestError("Invalid model name: it contains control characters.", param="model")
+    return model
 
 
 def number(params: Mapping[str, Any], name: str, kind: type, where: str):
@@ -96,13 +110,19 @@ class Registry:
                    aliases=alias_map, by_id={d.id: d for d in deployments})
 
     def resolve(self, model: str) -> tuple[Deployment, ...]:
-        """The deployments serving ``model``; an unknown model is a 400 naming it (as LiteLLM)."""
-        name = self.aliases.get(model, model)
+        """The deployments serving ``model``; an unknown model is a 400 naming it (as LiteLLM).
+
+        A name that a wildcard would carry into a provider's model id must not be able to steer
+        a URL (``gemini/../../x?k=1#``, encoded or not): that is a 400 before any provider runs."""
+        name = self.aliases.get(check_model_name(model), model)
         found = self.groups.get(name)
         if found:
             return found
         for pattern, deployments in self.wildcards:
             if fnmatch.fnmatchcase(name, pattern):
+                problem = path_problem(name)
+                if problem is not None:
+                    raise InvalidRequestError(f"Invalid model name: {problem}.", param="model")
                 return tuple(expand_wildcard(d, pattern, name) for d in deployments)
         raise InvalidRequestError(
             f"Invalid model name passed in model={model}. Call `/v1/models` to view available models for "

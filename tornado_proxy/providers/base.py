@@ -3,13 +3,15 @@ provider's wire format. Adapters do no I/O; ``upstream.py`` sends what they buil
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import quote, unquote
 
 import orjson
 
 from ..config import Secret, public_url
-from ..errors import ProxyError, UpstreamError
+from ..errors import InvalidRequestError, ProxyError, UpstreamError
 from ..sse import SseParser
 
 
@@ -141,3 +143,58 @@ def event_object(data: bytes) -> dict | None:
     except orjson.JSONDecodeError:
         return None
     return event if isinstance(event, dict) else None
+
+
+# --- request-derived values in upstream URLs ---------------------------------------------------
+
+# C0 controls, DEL, C1 controls (U+0085 among them) and the Unicode line/paragraph separators:
+# none belongs in a model name, and each could split a header value or a log line.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_PERCENT_DECODES = 3  # "%25252e" (triple-encoded ".") still decodes; deeper is refused
+# What would end a URL's path (query, fragment) or count as a separator to some servers.
+PATH_FORBIDDEN = {"?": "'?'", "#": "'#'", "\\": "a backslash"}
+SEGMENT_FORBIDDEN = {**PATH_FORBIDDEN, "/": "'/'"}
+
+
+def percent_decoded(value: str) -> str | None:
+    """``value`` with percent-escapes undone until nothing changes, so that ``%2e``, ``%252e``
+    and ``.`` look alike; None when it is encoded more deeply than anyone legitimately does."""
+    for _ in range(MAX_PERCENT_DECODES + 1):
+        decoded = unquote(value)
+        if decoded == value:
+            return value
+        value = decoded
+    return None
+
+
+def path_problem(value: str, segment: bool = False) -> str | None:
+    """Why ``value`` could steer a URL it is put into (a ``.``/``..`` segment, a query or
+    fragment, a backslash, a control character; with ``segment``, also a slash or nothing at
+    all), as it is or once percent-decoded; None if it cannot. Without ``segment``, slashes
+    between ordinary segments are allowed (``openrouter/openai/gpt-4o``)."""
+    decoded = percent_decoded(value)
+    if decoded is None:
+        return "it is percent-encoded too many times"
+    if CONTROL_CHARS.search(value) or CONTROL_CHARS.search(decoded):
+        return "it contains control characters"
+    for char, name in (SEGMENT_FORBIDDEN if segment else PATH_FORBIDDEN).items():
+        if char in decoded:
+            return f"it contains {name}" + (" (percent-encoded)" if char not in value else "")
+    if any(part in (".", "..") for part in decoded.split("/")):
+        return "it contains a '.' or '..' path segment" + (" (percent-encoded)" if decoded != value else "")
+    if segment and not value:
+        return "it is empty"
+    return None
+
+
+def url_segment(value: str, param: str = "model") -> str:
+    """``value`` (a model or deployment name, or anything else a request decides) as exactly one
+    URL path segment, percent-encoded; a 400 naming ``param`` when it could be anything else
+    (a slash, a dot segment, a query, a fragment, a control character, encoded or not).
+
+    Every provider that puts a request-derived value in a URL path builds it with this."""
+    problem = path_problem(value, segment=True)
+    if problem is not None:
+        raise InvalidRequestError(f"Invalid {param} name: {problem}; the provider takes it as one URL path "
+                                  "segment.", param=param)
+    return quote(value, safe="")

@@ -18,7 +18,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError, upstream_error
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState, UpstreamReply,
-                   UpstreamRequest, event_object, reply_object)
+                   UpstreamRequest, event_object, reply_object, url_segment)
 from .openai import error_message
 from .openai_format import (Choice, ChunkWriter, completion_body, content_parts, embedding_list_body,
                             image_url_of, json_schema_of, max_output_tokens, new_call_id, prompt_messages,
@@ -45,13 +45,22 @@ SCHEMA_KEYS = frozenset(("type", "format", "title", "description", "nullable", "
                          "maximum"))
 MAX_SCHEMA_DEPTH = 32
 RETRY_DELAY = re.compile(r"^(\d+(?:\.\d+)?)s$")
+MODEL_COLLECTIONS = ("models", "tunedModels")
 
 
 # --- requests -----------------------------------------------------------------------------------
 
 def model_path(model: str) -> str:
-    """``gemini-2.0-flash`` -> ``models/gemini-2.0-flash``; ``tunedModels/x`` stays as it is."""
-    return model if "/" in model else "models/" + model
+    """``gemini-2.0-flash`` -> ``models/gemini-2.0-flash``; ``models/x`` and ``tunedModels/x``
+    stay as they are. The name is one URL path segment (``url_segment``), so no model name
+    reaches another path or query on Google's host with the key."""
+    collection, sep, name = model.rpartition("/")
+    if not sep:
+        collection = "models"
+    if collection not in MODEL_COLLECTIONS:
+        raise InvalidRequestError("Invalid model name: a Gemini model is <name>, models/<name> or "
+                                  "tunedModels/<name>.", param="model")
+    return f"{collection}/{url_segment(name)}"
 
 
 def gemini_parts(content, where: str) -> list[dict]:

@@ -13,7 +13,7 @@ import orjson
 from ..errors import ProxyError, UpstreamError, upstream_error
 from ..sse import DONE
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
-                   UpstreamReply, UpstreamRequest)
+                   UpstreamReply, UpstreamRequest, url_segment)
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 # Fields LiteLLM reads for itself; they are never sent to a provider.
@@ -146,7 +146,7 @@ class AzureProvider(OpenAIProvider):
         if version in AZURE_V1_VERSIONS:  # the v1 API: no deployment in the path, model in the body
             url = f"{base}/openai/v1{ENDPOINT_PATHS[endpoint]}"
             return url + "?api-version=preview" if version == "preview" else url
-        return (f"{base}/openai/deployments/{quote(d.model, safe='')}{ENDPOINT_PATHS[endpoint]}"
+        return (f"{base}/openai/deployments/{url_segment(d.model)}{ENDPOINT_PATHS[endpoint]}"
                 f"?api-version={quote(version, safe='')}")
 
     def auth_headers(self, d: Deployment) -> dict[str, str]:
