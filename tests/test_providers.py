@@ -186,10 +186,11 @@ def test_parse_event_passes_chunks_and_tracks_usage_and_done():
     assert state.done and state.chunks == 2
 
 
-def test_parse_event_tolerates_non_json_data():
+def test_parse_event_refuses_non_json_data():
+    # issue 9 item 12: an event that is not a JSON object ends the stream as an upstream error
     state = StreamState()
-    assert OpenAIProvider().parse_event("chat", b'not json "usage"', state) == [b'not json "usage"']
-    assert state.usage is None
+    assert OpenAIProvider().parse_event("chat", b'not json "usage"', state) == []
+    assert state.usage is None and state.error is not None and state.error.status == 502
 
 
 # --- parse_error ----------------------------------------------------------------------------

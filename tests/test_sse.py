@@ -58,12 +58,14 @@ def test_line_endings(eol):
     assert feed_all(bytewise, split_every(stream, 1)) + bytewise.close() == [SseEvent(b"a"), SseEvent(b"b")]
 
 
-def test_trailing_lone_cr_waits_for_the_next_byte():
-    # A CR at the very end of a chunk may be half of a CRLF, so the line is held back.
+def test_trailing_lone_cr_ends_the_line_and_a_following_lf_ends_nothing():
+    # A CR at the very end of a chunk ends its line at once (the event goes out without
+    # waiting); if the next chunk opens with LF, that LF was the second half of a CRLF.
     p = SseParser()
-    assert p.feed(b"data: a\r\r") == []
-    assert p.feed(b"data: b\r\r") == [SseEvent(b"a")]
-    assert p.close() == [SseEvent(b"b")]
+    assert p.feed(b"data: a\r\r") == [SseEvent(b"a")]
+    assert p.feed(b"\ndata: b\r\r") == [SseEvent(b"b")]
+    assert p.feed(b"\n") == []
+    assert p.close() == []
 
 
 def test_crlf_split_between_cr_and_lf_is_one_line_end():

@@ -15,12 +15,12 @@ import tornado.web
 
 from .auth import authenticate, authorize
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
-                     RequestTooLargeError)
+                     RequestTooLargeError, UpstreamError)
 from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
-from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest
+from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest, event_object
 from .registry import check_model_name
-from .sse import DONE, format_event
+from .sse import DONE, EventTooLargeError, format_event
 from .upstream import Transfer
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ DONE_EVENT = format_event(DONE)
 MAX_JSON_DEPTH = 254  # orjson encodes no deeper, so a deeper body could never be forwarded
 SMALL_BODY_LIMIT = 64 * 1024  # routes that read no body, or a small one (GET, health, metrics)
 DRAIN_LIMIT = 64 * 1024  # a refused request's body up to this is read and dropped (keep-alive)
+MAX_NON_STREAM_BODY = 65536  # what is kept of a 2xx answer to a streamed request that is not a stream
 
 
 @dataclass
@@ -280,6 +281,12 @@ def in_networks(address: str, networks) -> bool:
     return any(ip in net for net in networks)
 
 
+def media_type(headers) -> str | None:
+    """A reply's Content-Type without parameters, lower-cased (None when it has none)."""
+    value = headers.first("Content-Type") if hasattr(headers, "first") else headers.get("Content-Type")
+    return value.partition(";")[0].strip().lower() if value else None
+
+
 class NotFoundHandler(BaseHandler):
     """Every path no route matches: an OpenAI-style 404."""
 
@@ -388,7 +395,7 @@ class LLMHandler(BaseHandler):
         reply = await self.gw.upstream.fetch(request, self.timeouts(d)[0])
         self.ctx.upstream_s = time.perf_counter() - started
         if not 200 <= reply.status < 300:
-            raise provider.parse_error(reply, d)
+            raise d.scrubber.error(provider.parse_error(reply, d))
         response = provider.parse_response(endpoint, reply)
         self.ctx.usage = response.usage
         self.set_duration_headers()
@@ -408,40 +415,84 @@ class LLMHandler(BaseHandler):
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
         render = self.output.event
+        not_a_stream = False        # a 2xx that is not an event stream: its body is collected
+        stopped: ProxyError | None = None  # why the gateway stopped the upstream itself
 
         def on_head(t: Transfer) -> None:
+            nonlocal not_a_stream
             if t.ok:
                 self.ctx.upstream_s = t.first_byte_at - t.started
+                if media_type(t.headers) not in provider.stream_media_types:
+                    not_a_stream = True
+                    return
                 self.start_event_stream()
                 self.send(b"")
 
         def on_chunk(chunk: bytes) -> None:
-            out = [render(data) for event in parser.feed(chunk)
+            # runs in curl's streaming callback: it must not raise
+            if not_a_stream:
+                transfer.error_body += chunk[:MAX_NON_STREAM_BODY - len(transfer.error_body)]
+                if len(transfer.error_body) >= MAX_NON_STREAM_BODY:
+                    stop(None)
+                return
+            try:
+                events = parser.feed(chunk)
+            except EventTooLargeError as exc:
+                stop(UpstreamError(f"The provider sent a stream event larger than {exc.limit // 2**20} MB "
+                                   "(a line that never ends?); the stream was stopped.", status=502))
+                return
+            out = [render(data) for event in events if state.error is None
                    for data in provider.parse_event(endpoint, event.data, state)]
             if out:
                 self.send(b"".join(out))
+            if state.error is not None:
+                stop(state.error)
+
+        def stop(error: ProxyError | None) -> None:
+            nonlocal stopped
+            if stopped is None and transfer.abort_reason is None:
+                stopped = error
+                self.gw.upstream.abort(transfer, "invalid")
 
         try:
             await self.gw.upstream.stream(request, timeout, first_byte_timeout, on_head, on_chunk, transfer)
         except ProxyError as exc:
             if not self._headers_written:
                 raise
-            self.end_stream_with_error(exc)
+            self.end_stream_with_error(d.scrubber.error(exc))
             return
         finally:
             self.ctx.upstream_s = time.perf_counter() - transfer.started
             self.ctx.usage = state.usage
         if transfer.abort_reason == "client":
             return
+        if not_a_stream:
+            raise d.scrubber.error(self.non_stream_reply(provider, d, transfer))
         if not transfer.ok:
-            raise provider.parse_error(UpstreamReply(transfer.status or 502, transfer.headers,
-                                                     bytes(transfer.error_body)), d)
-        on_chunk(b"\n\n")  # dispatch an unterminated final event, if any
-        if state.error is not None:  # the provider said so inside the stream
-            self.end_stream_with_error(state.error)
+            raise d.scrubber.error(provider.parse_error(UpstreamReply(transfer.status or 502, transfer.headers,
+                                                                      bytes(transfer.error_body)), d))
+        if stopped is None:
+            on_chunk(b"\n\n")  # dispatch an unterminated final event, if any
+        error = stopped or state.error  # the gateway's reason, or what the provider said in the stream
+        if error is not None:
+            if not self._headers_written:
+                raise d.scrubber.error(error)
+            self.end_stream_with_error(d.scrubber.error(error))
             return
         self.send(self.output.end())
         self.finish()
+
+    @staticmethod
+    def non_stream_reply(provider: Provider, d: Deployment, transfer: Transfer) -> ProxyError:
+        """A streamed request answered with a 2xx that is not an event stream: the provider's
+        error if its body is one, else a 502 saying what came instead."""
+        body = bytes(transfer.error_body)
+        parsed = event_object(body)
+        if parsed is not None and parsed.get("error"):
+            return provider.parse_error(UpstreamReply(502, transfer.headers, body), d)
+        return UpstreamError(f"{d.provider}/{d.model}: the provider answered a streamed request with a non-stream "
+                             f"response (Content-Type: {(media_type(transfer.headers) or 'none')[:100]}).",
+                             status=502)
 
     def send(self, data: bytes) -> None:
         """Write stream bytes and flush. Curl gets no backpressure from a slow client, so the

@@ -216,6 +216,14 @@ class HeaderLines(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self.parsed[name]
 
+    def first(self, name: str) -> str | None:
+        """The first value of header ``name``, read from the raw lines without parsing them all."""
+        prefix = name.lower().encode("latin1") + b":"
+        for line in self._lines:
+            if line[:len(prefix)].lower() == prefix:
+                return line[len(prefix):].decode("latin1").strip()
+        return None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.parsed)
 
@@ -233,7 +241,7 @@ class Transfer:
     error_body: bytearray = field(default_factory=bytearray)
     started: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
-    abort_reason: str | None = None  # "client" | "timeout"
+    abort_reason: str | None = None  # "client" | "timeout" | "invalid" (the gateway refused the reply)
 
     @property
     def ok(self) -> bool:
@@ -328,7 +336,7 @@ class Upstream:
             if transfer.abort_reason == "timeout":
                 raise UpstreamTimeoutError(
                     f"Timeout: no response from the provider within {first_byte_timeout}s", retryable=True) from None
-            if transfer.abort_reason == "client":
+            if transfer.abort_reason is not None:  # the caller aborted it, and knows why
                 return transfer
             raise transport_error(exc.errno, timeout) from None
         finally:

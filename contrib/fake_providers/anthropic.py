@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 import tornado.web
 
-from .common import FakeHandler, run_standalone, standalone_parser
+from .common import FakeHandler, RawReply, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 CITIES = ("Paris", "London", "Tokyo")
@@ -73,6 +73,7 @@ class FakeState:
     reply_text: str | None = None
     cache_read_tokens: int = 0             # reported as cache_read_input_tokens
     cache_creation_tokens: int = 0         # reported as cache_creation_input_tokens
+    raw_reply: RawReply | None = None  # answer with exactly these bytes (common.RawReply)
     record: bool = True
     received: list[Received] = field(default_factory=list)
     stream_aborted: bool = False
@@ -180,6 +181,8 @@ class BaseHandler(FakeHandler):
             return self.fail(401, "invalid x-api-key")
         if not req.headers.get("anthropic-version"):
             return self.fail(400, "anthropic-version: header is required")
+        if state.raw_reply is not None:
+            return await self.send_raw(state.raw_reply)
         if state.fail_times > 0:
             state.fail_times -= 1
             retry_after = state.retry_after or ("1" if state.fail_status == 429 else None)

@@ -15,6 +15,18 @@ from tornado.iostream import StreamClosedError
 
 
 @dataclass
+class RawReply:
+    """A knob of every fake: the next answers are exactly these bytes (after the auth check), for
+    tests of what a misbehaving or hostile provider can send: a JSON 200 to a streamed request,
+    an event that is not JSON, an endless line, an error event quoting the key."""
+
+    status: int = 200
+    content_type: str = "text/event-stream"
+    frames: tuple[bytes, ...] = ()  # written and flushed one by one
+    hold_open: float = 0.0          # then keep the connection open this long (until the client leaves)
+
+
+@dataclass
 class Received:
     """One request a fake got."""
 
@@ -74,6 +86,19 @@ class FakeHandler(tornado.web.RequestHandler):
             self.on_connection_close()
             return False
         return True
+
+    async def send_raw(self, raw: RawReply) -> None:
+        """Answer with ``raw``; a client that leaves before the end sets ``state.stream_aborted``."""
+        self.set_status(raw.status)
+        self.set_header("content-type", raw.content_type)
+        self.streaming = True
+        for frame in raw.frames:
+            if not await self.send_frame(frame, after_delay=False):
+                return
+        if raw.hold_open:
+            await self.pause(raw.hold_open)
+        if self.streaming:
+            self.end_stream()
 
     def cut_stream(self) -> None:
         """Drop the connection mid-stream: no terminating chunk, no end event."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import orjson
 import tornado.web
 
-from .common import FakeHandler, Received, run_standalone, standalone_parser
+from .common import FakeHandler, RawReply, Received, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -82,6 +82,7 @@ class FakeState:
     fail_mid_stream_after: int | None = None  # close the socket after N content events
     reply_text: str | None = None     # default: "echo: " + the last user text
     finish_reason: str | None = None  # override the finishReason of the last event (e.g. "SAFETY")
+    raw_reply: RawReply | None = None  # answer with exactly these bytes (common.RawReply)
     record: bool = True
     received: list[Received] = field(default_factory=list)
     stream_aborted: bool = False
@@ -241,6 +242,8 @@ class BaseHandler(FakeHandler):
                 return self.fail(400, BAD_KEY, [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                                                  "reason": "API_KEY_INVALID", "domain": "googleapis.com",
                                                  "metadata": {"service": "generativelanguage.googleapis.com"}}])
+        if state.raw_reply is not None:
+            return await self.send_raw(state.raw_reply)
         if state.fail_times > 0:
             state.fail_times -= 1
             details = None

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 import orjson
 import tornado.web
 
-from .common import FakeHandler, Received, run_standalone, standalone_parser
+from .common import FakeHandler, RawReply, Received, run_standalone, standalone_parser
 
 _PIECE = re.compile(r"\s*\S+\s*")
 EMBEDDING_DIM = 8
@@ -59,6 +59,7 @@ class FakeState:
     error_mid_stream_after: int | None = None  # send an {"error": ...} line after N content lines
     reply_text: str | None = None
     models: tuple[str, ...] = MODELS    # what is "pulled"; others get 404
+    raw_reply: RawReply | None = None  # answer with exactly these bytes (common.RawReply)
     record: bool = True
     received: list[Received] = field(default_factory=list)
     stream_aborted: bool = False
@@ -154,6 +155,8 @@ class BaseHandler(FakeHandler):
         body, bad_json = self.read_json()
         if state.api_key is not None and req.headers.get("Authorization") != f"Bearer {state.api_key}":
             return self.fail(401)
+        if state.raw_reply is not None:
+            return await self.send_raw(state.raw_reply)
         if state.fail_times > 0:
             state.fail_times -= 1
             return self.fail(state.fail_status)

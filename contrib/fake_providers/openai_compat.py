@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 import tornado.web
 
-from .common import FakeHandler, Received, run_standalone, standalone_parser
+from .common import FakeHandler, RawReply, Received, run_standalone, standalone_parser
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
 FINGERPRINT = "fp_fake00001"
@@ -87,6 +87,7 @@ class FakeState:
     openrouter_comments: bool = False  # ": OPENROUTER PROCESSING" before every chunk
     reply_text: str | None = None  # default: "echo: " + last user message
     stream_chunks: int | None = None  # reply is N pieces of "tok " (stream and non-stream)
+    raw_reply: RawReply | None = None  # answer with exactly these bytes (common.RawReply)
     record: bool = True  # standalone mode turns this off so memory stays flat
     received: list[Received] = field(default_factory=list)
     stream_aborted: bool = False  # a client left before [DONE]
@@ -186,6 +187,8 @@ class BaseHandler(FakeHandler):
                 return self.fail(401)  # never echo the presented key
         if self.azure and not self.get_query_argument("api-version", None):
             return self.fail(404)
+        if state.raw_reply is not None:
+            return await self.send_raw(state.raw_reply)
         if state.fail_times > 0:
             state.fail_times -= 1
             retry_after = state.retry_after or ("1" if state.fail_status == 429 else None)

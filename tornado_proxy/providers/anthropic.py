@@ -34,7 +34,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError, upstream_error
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
-                   UpstreamReply, UpstreamRequest, event_object, reply_object)
+                   UpstreamReply, UpstreamRequest, bad_event, event_object, reply_object, require_field)
 from .openai import PROXY_ONLY_FIELDS, error_message
 
 API_VERSION = "2023-06-01"
@@ -504,6 +504,7 @@ class AnthropicProvider(Provider):
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
         parsed = reply_object(reply.body, "Anthropic")
+        require_field(parsed, "Anthropic", ("input_tokens", int) if endpoint == "count_tokens" else ("content", list))
         if endpoint == "chat":
             out = to_openai_response(parsed)
             return ProviderResponse(orjson.dumps(out), out["usage"])
@@ -516,6 +517,7 @@ class AnthropicProvider(Provider):
             return self.relay_event(data, state)
         event = event_object(data)
         if event is None:
+            state.error = bad_event("Anthropic")
             return []
         translator = state.extra.get("anthropic")
         if translator is None:
@@ -525,7 +527,14 @@ class AnthropicProvider(Provider):
         return out
 
     def relay_event(self, data: bytes, state: StreamState) -> list[bytes]:
-        """``/v1/messages`` pass-through: every event goes on as it came; usage is noted."""
+        """``/v1/messages`` pass-through: every event goes on as it came, but for errors (an
+        ``error`` event or one that is not a JSON object), which end the stream as the
+        gateway's own error event, so that their text is scrubbed; usage is noted."""
+        if data[:1] != b"{" or data[-1:] != b"}" or b'"error"' in data:
+            event = event_object(data)
+            if event is None or event.get("type") == "error":
+                state.error = bad_event("Anthropic") if event is None else stream_error(event.get("error") or {})
+                return []
         state.chunks += 1
         if b'"usage"' in data or b'"message_stop"' in data:
             try:
@@ -543,11 +552,9 @@ class AnthropicProvider(Provider):
 
     def parse_error(self, reply: UpstreamReply, d: Deployment) -> ProxyError:
         message = error_message(reply.body)
-        if d.api_key and d.api_key.reveal():
-            message = message.replace(d.api_key.reveal(), "***")
         headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
         status = 503 if reply.status == OVERLOADED else reply.status
         err = upstream_error(status, f"AnthropicException - {d.provider}/{d.model}: {message}", headers=headers)
         if reply.status == OVERLOADED:
             err.type = "overloaded_error"
-        return err
+        return d.scrubber.error(err)

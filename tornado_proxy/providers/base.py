@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 from urllib.parse import quote, unquote
 
@@ -12,6 +13,7 @@ import orjson
 
 from ..config import Secret, public_url
 from ..errors import InvalidRequestError, ProxyError, UpstreamError
+from ..scrub import Scrubber
 from ..sse import SseParser
 
 
@@ -43,6 +45,11 @@ class Deployment:
     @property
     def public_api_base(self) -> str:
         return public_url(self.api_base)
+
+    @cached_property
+    def scrubber(self) -> Scrubber:
+        """Takes this deployment's secrets out of its provider's error text (built on first use)."""
+        return Scrubber.of(self.api_key.reveal() if self.api_key else None, self.extra_headers)
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,9 @@ class Provider:
     # Endpoints whose client format is this provider's own wire format (``/v1/messages`` for
     # Anthropic): the body is passed through, not translated from OpenAI's.
     passthrough_endpoints: frozenset[str] = frozenset()
+    # What a streamed reply's Content-Type must be (its media type, parameters aside): anything
+    # else answering a streamed request (a plain JSON 200) is an upstream error, not a stream.
+    stream_media_types: tuple[str, ...] = ("text/event-stream",)
 
     def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
         """What a deployment of this provider uses when its config gives nothing."""
@@ -136,13 +146,28 @@ def reply_object(body: bytes, who: str) -> dict:
     return parsed
 
 
+def require_field(parsed: dict, who: str, *alternatives: tuple[str, type]) -> dict:
+    """A reply object that has at least one of the (name, type) fields a real reply always
+    has; anything else (``{}``, another API's answer) is a 502, never a success."""
+    if not any(isinstance(parsed.get(name), kind) for name, kind in alternatives):
+        names = " or ".join(f"'{name}'" for name, _ in alternatives)
+        raise UpstreamError(f"{who} returned an unexpected response (no {names} in it).", status=502)
+    return parsed
+
+
 def event_object(data: bytes) -> dict | None:
-    """One streamed event as a JSON object; None (the event is skipped) for anything else."""
+    """One streamed event as a JSON object; None for anything else (see ``bad_event``)."""
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     return event if isinstance(event, dict) else None
+
+
+def bad_event(who: str) -> UpstreamError:
+    """The error a stream ends with when the provider sends an event that is not a JSON object."""
+    return UpstreamError(f"{who} sent a stream event that is not a JSON object; the stream was stopped.",
+                         status=502)
 
 
 # --- request-derived values in upstream URLs ---------------------------------------------------

@@ -18,7 +18,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError, upstream_error
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState, UpstreamReply,
-                   UpstreamRequest, event_object, reply_object, url_segment)
+                   UpstreamRequest, bad_event, event_object, reply_object, require_field, url_segment)
 from .openai import error_message
 from .openai_format import (Choice, ChunkWriter, completion_body, content_parts, embedding_list_body,
                             image_url_of, json_schema_of, max_output_tokens, new_call_id, prompt_messages,
@@ -364,11 +364,13 @@ class GeminiProvider(Provider):
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
         parsed = reply_object(reply.body, "Gemini")
         if endpoint == "embeddings":
+            require_field(parsed, "Gemini", ("embedding", dict), ("embeddings", list))
             items = parsed.get("embeddings") if "embeddings" in parsed else [parsed.get("embedding")]
             vectors = [item.get("values") or [] for item in items or () if isinstance(item, dict)]
             usage = usage_of(parsed.get("usageMetadata")) or usage_block(0, 0)
             usage.pop("completion_tokens", None)
             return ProviderResponse(embedding_list_body(vectors, "", usage), usage)
+        require_field(parsed, "Gemini", ("candidates", list), ("promptFeedback", dict))
         usage = usage_of(parsed.get("usageMetadata"))
         reply_id = "chatcmpl-" + parsed["responseId"] if parsed.get("responseId") else None
         body = completion_body(endpoint, parsed.get("modelVersion") or "", choices_of(parsed), usage, reply_id)
@@ -377,6 +379,7 @@ class GeminiProvider(Provider):
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
         event = event_object(data)
         if event is None:
+            state.error = bad_event("Gemini")
             return []
         if isinstance(event.get("error"), dict):
             err = event["error"]
@@ -427,7 +430,5 @@ class GeminiProvider(Provider):
         reasons = {x.get("reason") for x in err.get("details") or () if isinstance(x, dict)}
         if status == 400 and ("API_KEY_INVALID" in reasons or "API key not valid" in message):
             status = 401  # Google answers a bad key with 400 INVALID_ARGUMENT; clients expect 401
-        if d.api_key and d.api_key.reveal():
-            message = message.replace(d.api_key.reveal(), "***")
-        return upstream_error(status, f"GeminiException - {d.provider}/{d.model}: {message}",
-                              headers=retry_after(reply, err))
+        return d.scrubber.error(upstream_error(status, f"GeminiException - {d.provider}/{d.model}: {message}",
+                                               headers=retry_after(reply, err)))

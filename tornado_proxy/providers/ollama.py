@@ -13,9 +13,9 @@ from typing import Mapping
 import orjson
 
 from ..errors import InvalidRequestError, ProxyError, upstream_error
-from ..sse import SseEvent
+from ..sse import MAX_EVENT_BYTES, EventTooLargeError, SseEvent
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState, UpstreamReply,
-                   UpstreamRequest, event_object, reply_object)
+                   UpstreamRequest, bad_event, event_object, reply_object, require_field)
 from .openai import error_message
 from .openai_format import (Choice, ChunkWriter, completion_body, content_parts, embedding_list_body,
                             image_url_of, json_schema_of, max_output_tokens, single_prompt, split_data_url,
@@ -32,18 +32,33 @@ FINISH_REASONS = {"stop": "stop", "length": "length"}  # "load", "unload", new v
 
 
 class NdjsonParser:
-    """Newline-delimited JSON framing: each non-blank line is one event."""
+    """Newline-delimited JSON framing: each non-blank line is one event. Incremental as
+    ``SseParser``: each byte is searched once, and a line may not grow past ``MAX_EVENT_BYTES``."""
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._partial = bytearray()
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
-        lines = (self._buffer + chunk).split(b"\n")
-        self._buffer = lines.pop()
+        end = chunk.find(b"\n")
+        if end < 0:
+            self._partial += chunk
+            if len(self._partial) > self.max_event_bytes:
+                self._partial.clear()
+                raise EventTooLargeError(self.max_event_bytes)
+            return []
+        last = chunk.rfind(b"\n")
+        lines = chunk[:last].split(b"\n")
+        if self._partial:
+            self._partial += lines[0]
+            lines[0] = bytes(self._partial)
+            self._partial.clear()
+        self._partial += chunk[last + 1:]
         return [SseEvent(line.strip()) for line in lines if line.strip()]
 
     def close(self) -> list[SseEvent]:
-        rest, self._buffer = self._buffer.strip(), b""
+        rest = bytes(self._partial).strip()
+        self._partial.clear()
         return [SseEvent(rest)] if rest else []
 
 
@@ -226,6 +241,8 @@ class OllamaProvider(Provider):
         return UpstreamRequest((d.api_base or DEFAULT_BASE).rstrip("/") + path, "POST", headers,
                                orjson.dumps(payload))
 
+    stream_media_types = ("application/x-ndjson",)
+
     def stream_parser(self) -> NdjsonParser:
         return NdjsonParser()
 
@@ -233,9 +250,11 @@ class OllamaProvider(Provider):
         parsed = reply_object(reply.body, "Ollama")
         model = parsed.get("model") if isinstance(parsed.get("model"), str) else ""
         if endpoint == "embeddings":
+            require_field(parsed, "Ollama", ("embeddings", list))
             tokens = parsed.get("prompt_eval_count") or 0
             usage = {"prompt_tokens": tokens, "total_tokens": tokens}
             return ProviderResponse(embedding_list_body(parsed.get("embeddings") or [], model, usage), usage)
+        require_field(parsed, "Ollama", ("message", dict), ("response", str))
         text, thinking, calls = read_reply(parsed)
         usage = usage_of(parsed)
         choice = Choice(0, text, calls, finish_reason(parsed.get("done_reason"), bool(calls)), thinking)
@@ -246,6 +265,7 @@ class OllamaProvider(Provider):
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
         event = event_object(data)
         if event is None:
+            state.error = bad_event("Ollama")
             return []
         if ollama_error(event):
             state.error = upstream_error(500, f"OllamaException: {ollama_error(event)}")
@@ -272,11 +292,9 @@ class OllamaProvider(Provider):
 
     def parse_error(self, reply: UpstreamReply, d: Deployment) -> ProxyError:
         message = error_message(reply.body)
-        if d.api_key and d.api_key.reveal():
-            message = message.replace(d.api_key.reveal(), "***")
         headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
-        return upstream_error(reply.status, f"OllamaException - {d.provider}/{d.model}: {message}",
-                              headers=headers)
+        return d.scrubber.error(upstream_error(reply.status, f"OllamaException - {d.provider}/{d.model}: {message}",
+                                               headers=headers))
 
 
 class OllamaChatProvider(OllamaProvider):

@@ -10,10 +10,11 @@ from urllib.parse import quote
 
 import orjson
 
-from ..errors import ProxyError, UpstreamError, upstream_error
+from ..errors import ProxyError, upstream_error
 from ..sse import DONE
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
-                   UpstreamReply, UpstreamRequest, url_segment)
+                   UpstreamReply, UpstreamRequest, bad_event, event_object, reply_object, require_field,
+                   url_segment)
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 # Fields LiteLLM reads for itself; they are never sent to a provider.
@@ -55,17 +56,21 @@ class OpenAIProvider(Provider):
         return {"Authorization": "Bearer " + d.api_key.reveal()} if d.api_key else {}
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
-        try:
-            parsed = orjson.loads(reply.body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("The provider returned a response that is not JSON.", status=502) from None
-        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        parsed = reply_object(reply.body, "The provider")
+        require_field(parsed, "The provider", ("data", list) if endpoint == "embeddings" else ("choices", list))
+        usage = parsed.get("usage")
         return ProviderResponse(reply.body, usage if isinstance(usage, dict) else None)
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
         if data == DONE:
             state.done = True
             return []
+        # a cheap look first: a normal chunk is an object with no "error" key in it
+        if data[:1] != b"{" or data[-1:] != b"}" or b'"error"' in data:
+            error = self.stream_error(data)
+            if error is not None:
+                state.error = error
+                return []
         state.chunks += 1
         if b'"usage"' in data and b'"usage":null' not in data:
             try:
@@ -76,6 +81,19 @@ class OpenAIProvider(Provider):
                 state.usage = usage
         return [data]
 
+    def stream_error(self, data: bytes) -> ProxyError | None:
+        """The error an event stands for: an ``{"error": ...}`` object (OpenAI's and OpenRouter's
+        in-stream errors), or anything that is not a JSON object; None for a normal chunk."""
+        event = event_object(data)
+        if event is None:
+            return bad_event("The provider")
+        err = event.get("error")
+        if not err:
+            return None
+        code = err.get("code") if isinstance(err, dict) else None
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        return upstream_error(status, f"{self.name.capitalize()}Exception - {error_message(data)}")
+
     def parse_error(self, reply: UpstreamReply, d: Deployment) -> ProxyError:
         message, param = error_message(reply.body), None
         try:
@@ -85,11 +103,9 @@ class OpenAIProvider(Provider):
                 param = err.get("param") if isinstance(err.get("param"), str) else None
         except orjson.JSONDecodeError:
             pass
-        if d.api_key and d.api_key.reveal():
-            message = message.replace(d.api_key.reveal(), "***")
-            param = param.replace(d.api_key.reveal(), "***") if param else param
         headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
-        return upstream_error(reply.status, f"{self.label(d)}: {message}", param=param, headers=headers)
+        return d.scrubber.error(upstream_error(reply.status, f"{self.label(d)}: {message}", param=param,
+                                               headers=headers))
 
     def label(self, d: Deployment) -> str:
         return f"{self.name.capitalize()}Exception - {d.provider}/{d.model}"
