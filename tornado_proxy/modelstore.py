@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from .config import ConfigError, ModelSpec, is_secret_name, resolve_env, resource_dir
+from .config import ConfigError, ModelSpec, is_secret_name, resolve_env, resource_dir, unset_params
 from .crypt import Cipher, DecryptError
 from .errors import InvalidRequestError, NotFoundError
 from .registry import build_deployment, derive_id
@@ -118,9 +118,10 @@ def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str]) ->
     except DecryptError as exc:
         problem = str(exc)
     missing: list[str] = []
+    unset = unset_params(params, environ)
     params = resolve_env(params, environ, missing)
     return ModelSpec(model_name=row.model_name, litellm_params=params, model_info=dict(row.model_info),
-                     where=f"database model {row.id}"), problem
+                     where=f"database model {row.id}", unset=unset), problem
 
 
 class ModelStore:
@@ -130,6 +131,7 @@ class ModelStore:
         self.db = db
         self.cipher = cipher
         self.environ = environ
+        self.undecryptable: tuple[str, ...] = ()
 
     async def plan(self, specs: Iterable[ModelSpec]) -> SyncPlan:
         """The sync diff; against an unmigrated database every model is new (nothing is created)."""
@@ -152,11 +154,15 @@ class ModelStore:
         return plan
 
     async def deployments(self, exclude_ids: set[str]):
-        out = []
+        """The database's models as deployments; ``self.undecryptable`` lists the ids whose
+        stored secrets the current key cannot open (served as a 400 naming the reason)."""
+        out, undecryptable = [], []
         for row in await self.db.fetch_models():
             if row.id in exclude_ids:
                 continue
             spec, problem = spec_of(row, self.cipher, self.environ)
+            if problem is not None:
+                undecryptable.append(row.id)
             try:
                 d = build_deployment(spec, self.environ, source="db" if row.source == "api" else "yaml")
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
@@ -165,6 +171,7 @@ class ModelStore:
                 log.warning("database model %s is not served: %s", row.id, describe_error(exc))
                 continue
             out.append(d if problem is None else dataclasses.replace(d, problem=problem))
+        self.undecryptable = tuple(undecryptable)
         return out
 
     def checked_row(self, body: Mapping[str, Any], model_id: str, source: str = "api") -> ModelRow:
