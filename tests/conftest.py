@@ -26,6 +26,7 @@ from contrib.fake_providers import gemini as gemini_fake
 from contrib.fake_providers import ollama as ollama_fake
 from contrib.fake_providers import openai_compat
 from contrib.fake_providers.common import listen
+from tornado_proxy.app import settle_auth
 from tornado_proxy import config as config_module
 from tornado_proxy.config import resource_dir
 from tornado_proxy.db import Database
@@ -188,7 +189,7 @@ async def gateway(tmp_path, monkeypatch):
         path.write_text(textwrap.dedent(yaml_text))
         environ = {"LITELLM_MASTER_KEY": master_key} if master_key else {}
         environ.update(env or {})
-        config = config_module.load(path, environ=environ)
+        config, _ = settle_auth(config_module.load(path, environ=environ))  # as `proxyctl serve` does
         sockets = bind_sockets(0, "127.0.0.1")
         port = sockets[0].getsockname()[1]
         stop, ready = asyncio.Event(), asyncio.Event()

@@ -83,26 +83,84 @@ def test_environ_reference_that_is_not_a_whole_value_is_left_alone(write):
     assert config.models[0].litellm_params["api_base"] == "http://host/os.environ/X"
 
 
-def test_missing_environ_variable_is_none_with_a_warning_naming_it(write, caplog):
+def test_missing_environ_variable_is_none_and_named_with_its_place(write):
     path = write("""
         model_list:
           - model_name: m
             litellm_params: {model: openai/gpt-4o, api_key: os.environ/NOT_SET_ANYWHERE}
         general_settings:
-          master_key: os.environ/ALSO_MISSING
+          alerting_webhook: os.environ/ALSO_MISSING
           database_url: os.environ/PRESENT_DB
     """)
     secret_value = "postgresql://user:pw-secret-111@db/x"
-    with caplog.at_level(logging.WARNING, logger="tornado_proxy.config"):
-        config = load(path, environ={"PRESENT_DB": secret_value})
+    config = load(path, environ={"PRESENT_DB": secret_value})
     assert config.models[0].litellm_params["api_key"] is None
-    assert config.settings.master_key is None
+    assert config.models[0].unset == {"api_key": "NOT_SET_ANYWHERE"}
     assert config.settings.database_url.reveal() == secret_value
-    text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "NOT_SET_ANYWHERE" in text and "ALSO_MISSING" in text
+    assert config.unset_env == (("model_list[0].litellm_params.api_key", "NOT_SET_ANYWHERE"),
+                                ("general_settings.alerting_webhook", "ALSO_MISSING"))
+    # reported (by `check` and at start-up) through log_startup_warnings, never the values
+    from tornado_proxy.app import log_startup_warnings
+    from tornado_proxy.registry import build_registry
+
+    text = "\n".join(log_startup_warnings(config, build_registry(config.models, config.environ)))
+    assert "os.environ/NOT_SET_ANYWHERE is not set" in text and "os.environ/ALSO_MISSING is not set" in text
     assert "PRESENT_DB" not in text and secret_value not in text
-    # one warning per variable, even if referenced several times
-    assert text.count("NOT_SET_ANYWHERE") == 1
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("master_key: os.environ/MY_MASTR_KEY_TYPO", "os.environ/MY_MASTR_KEY_TYPO is not set"),
+    ("master_key: os.environ/EMPTY_KEY", "os.environ/EMPTY_KEY is set but empty"),
+    ('master_key: ""', "general_settings.master_key: is empty"),
+])
+def test_master_key_configured_but_empty_stops_loading(write, line, expected):
+    """Auth must not fail open on a typo (even when LITELLM_MASTER_KEY happens to be set)."""
+    path = write(f"general_settings:\n  {line}\n")
+    for environ in ({"EMPTY_KEY": ""}, {"EMPTY_KEY": "", "LITELLM_MASTER_KEY": "sk-env"}):
+        with pytest.raises(ConfigError) as exc:
+            load(path, environ=environ)
+        assert str(path) in str(exc.value) and "general_settings.master_key" in str(exc.value)
+        assert expected in str(exc.value)
+
+
+@pytest.mark.parametrize("line, where", [
+    ("general_settings: {max_request_size_mb: -5}", "general_settings.max_request_size_mb: must be greater than 0"),
+    ("general_settings: {max_request_size_mb: 0}", "general_settings.max_request_size_mb: must be greater than 0"),
+    ("router_settings: {timeout: 0}", "router_settings.timeout: must be greater than 0"),
+    ("router_settings: {stream_timeout: -1}", "router_settings.stream_timeout: must be greater than 0"),
+    ("general_settings: {upstream_connect_timeout: 0}", "general_settings.upstream_connect_timeout"),
+    ("general_settings: {database_connection_pool_limit: 0}", "database_connection_pool_limit: must be at least 1"),
+    ("general_settings: {graceful_shutdown_timeout: -1}", "graceful_shutdown_timeout: must be at least 0"),
+    ("general_settings: {upstream_max_connections: 0}", "upstream_max_connections: must be at least 1"),
+])
+def test_out_of_range_settings_are_config_errors(write, line, where):
+    path = write(line + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load(path, environ={})
+    assert str(path) in str(exc.value) and where in str(exc.value)
+
+
+def test_out_of_range_environment_setting_names_the_variable(write):
+    with pytest.raises(ConfigError) as exc:
+        load(write("model_list: []\n"), environ={"NUM_WORKERS": "0"})
+    assert "environment NUM_WORKERS: must be at least 1" in str(exc.value)
+
+
+def test_every_range_checked_setting_accepts_its_default():
+    from tornado_proxy.config import SETTINGS
+
+    for s in SETTINGS:
+        s.check_range(s.default, s.name)
+
+
+def test_database_url_embedded_turns_model_storage_on(write):
+    """`database_url: embedded` means what `serve --embedded-db` means."""
+    from tornado_proxy.cli import use_embedded
+
+    from_file = load(write("general_settings: {database_url: embedded}\n"), environ={})
+    from_flag = use_embedded(load(write("model_list: []\n", ), environ={}))
+    for config in (from_file, from_flag):
+        assert config.settings.database_url.reveal() == "embedded" and config.settings.store_model_in_db
 
 
 # --- settings: env fallbacks, config wins ------------------------------------------------------
@@ -360,10 +418,10 @@ def test_plain_litellm_config_loads_with_the_default_routes(write):
     assert registry.by_id["my-gpt4"].rpm == 480
 
 
-def test_shipped_routes_yaml_has_the_default_routes_table():
+def test_shipped_routes_yaml_is_the_packaged_default_configuration():
     shipped = yaml.safe_load((ROOT / "routes.yaml").read_text())
     default = yaml.safe_load((ROOT / "tornado_proxy" / "default_routes.yaml").read_text())
-    assert shipped["routes"] == default["routes"]
+    assert shipped == default  # the whole file: it is what `serve` uses outside a checkout
     assert parse_routes(shipped["routes"]) == load_default_routes()
 
 
@@ -372,7 +430,15 @@ def test_shipped_routes_yaml_loads():
     names = [m.model_name for m in config.models]
     assert "demo" in names
     assert any(m.litellm_params["model"] == "openrouter/openai/gpt-3.5-turbo" for m in config.models)
+    assert any(m.model_name == "openrouter/*" and m.litellm_params["model"] == "openrouter/*" for m in config.models)
     assert config.ignored == ()
+
+
+def test_shipped_routes_yaml_needs_nothing_set():
+    """A fresh clone with no variables set: loads (serve then generates a master key)."""
+    config = load(ROOT / "routes.yaml", environ={})
+    assert config.settings.master_key is None
+    assert {name for _, name in config.unset_env} == {"OPENROUTER_API_KEY"}
 
 
 def test_default_routes_parse():

@@ -109,8 +109,11 @@ async def test_health_routes_need_no_key(gw, fetch, path, key):
         assert orjson.loads(r.body) == "I'm alive!"
 
 
-async def test_no_master_key_configured_serves_without_a_key(gateway, fetch, fake_openai):
-    gw = await gateway(provider_yaml(fake_openai), master_key=None)
+OPEN = "general_settings: {allow_unauthenticated: true}"
+
+
+async def test_open_mode_opted_into_serves_without_a_key(gateway, fetch, fake_openai):
+    gw = await gateway(provider_yaml(fake_openai, extra=OPEN), master_key=None)
     assert not gw.config.settings.master_key
     r = await fetch(gw, "/v1/chat/completions", CHAT, key=None)
     assert r.code == 200, r.body
@@ -124,10 +127,29 @@ async def test_no_master_key_configured_serves_without_a_key(gateway, fetch, fak
     assert all(WRONG_KEY not in v for v in fake_openai.received[-1].headers.values())
 
 
-async def test_no_master_key_is_announced_at_startup(gateway, fake_openai, caplog):
+async def test_open_mode_is_announced_at_startup(gateway, fake_openai, caplog):
     with caplog.at_level("WARNING"):
-        await gateway(provider_yaml(fake_openai), master_key=None)
-    assert any("NO MASTER KEY" in record.getMessage() for record in caplog.records)
+        await gateway(provider_yaml(fake_openai, extra=OPEN), master_key=None)
+    assert any("NO MASTER KEY, AUTHENTICATION IS OFF" in record.getMessage() for record in caplog.records)
+
+
+async def test_no_master_key_configured_gets_a_generated_one(gateway, fetch, fake_openai):
+    """Without a key and without the opt-in, auth stays on: a key is generated (as `serve` does)."""
+    gw = await gateway(provider_yaml(fake_openai), master_key=None)
+    generated = gw.config.settings.master_key.reveal()
+    assert generated.startswith("sk-") and len(generated) > 30
+    for key in (None, MASTER_KEY):
+        r = await fetch(gw, "/v1/models", key=key)
+        assert r.code == 401, r.body
+    assert (await fetch(gw, "/v1/models", key=generated)).code == 200
+    assert (await fetch(gw, "/v1/chat/completions", CHAT, key=generated)).code == 200
+
+
+async def test_a_typo_in_the_master_key_variable_never_serves(gateway, tmp_path):
+    from tornado_proxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="os.environ/MY_MASTR_KEY_TYPO is not set"):
+        await gateway("general_settings: {master_key: os.environ/MY_MASTR_KEY_TYPO}\n")
 
 
 async def test_master_key_from_config_file(gateway, fetch, fake_openai):

@@ -146,3 +146,30 @@ def test_secrets_stay_out_of_public_params_and_repr():
     assert d.public_params == {"model": "openai/gpt-4o", "temperature": 0.2}
     assert d.defaults == {"temperature": 0.2}
     assert KEY not in repr(d) and d.api_key.reveal() == KEY
+
+
+def test_resolution_order_groups_then_ids_and_litellm_models_then_wildcards():
+    """LiteLLM's router also takes a deployment's model id and its litellm_params.model."""
+    specs = [
+        ModelSpec("gpt-3.5-turbo", {"model": "openrouter/openai/gpt-3.5-turbo", "api_key": "k"}, {"id": "or-35"}, "m[0]"),
+        ModelSpec("openrouter/*", {"model": "openrouter/*", "api_key": "k"}, {"id": "or-any"}, "m[1]"),
+        ModelSpec("openai/gpt-4o", {"model": "openai/gpt-4o-2024-08-06"}, {"id": "group-wins"}, "m[2]"),
+        ModelSpec("other", {"model": "openai/gpt-4o"}, {"id": "by-litellm-model"}, "m[3]"),
+    ]
+    registry = build_registry(specs, {})
+    ids = lambda name: [d.id for d in registry.resolve(name)]  # noqa: E731
+    assert ids("gpt-3.5-turbo") == ["or-35"]                       # the group
+    assert ids("openrouter/openai/gpt-3.5-turbo") == ["or-35"]     # its litellm_params.model, before the wildcard
+    assert ids("or-35") == ["or-35"]                               # its model id
+    assert ids("openrouter/meta/llama-3") == ["or-any"]            # the wildcard
+    assert registry.resolve("openrouter/meta/llama-3")[0].model == "meta/llama-3"
+    assert ids("openai/gpt-4o") == ["group-wins"]                  # a group name beats a litellm model
+    assert "openrouter/*" not in registry.by_litellm_model
+    with pytest.raises(InvalidRequestError):
+        registry.resolve("openrouter")
+
+
+def test_unset_api_base_makes_the_deployment_unusable_not_public():
+    spec = ModelSpec("m", {"model": "openai/gpt-4o", "api_base": None}, {}, "m[0]", unset={"api_base": "MY_BASE"})
+    d = build_deployment(spec, {"OPENAI_API_BASE": "https://elsewhere"})
+    assert "os.environ/MY_BASE" in d.problem

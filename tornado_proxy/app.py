@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 
 import tornado.web
 
 from . import admin, handlers, routes
 from .catalog import Catalog
-from .config import Config, ConfigError, Settings, resource_dir
+from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .handlers import CallContext
 from .metrics import Metrics
 from .registry import Registry, build_registry
@@ -85,9 +86,31 @@ class Gateway:
 
 
 def keep_restart_only(config: Config, running: Settings) -> Config:
-    """``config`` with the running values of the settings a reload does not change."""
-    settings = dataclasses.replace(config.settings, **{n: getattr(running, n) for n in RESTART_ONLY})
+    """``config`` with the running values of the settings a reload does not change. A reload
+    never switches auth off: a config without a master key keeps the running one (the one
+    ``serve`` generated, say)."""
+    kept = {n: getattr(running, n) for n in RESTART_ONLY}
+    if not config.settings.master_key and running.master_key:
+        kept["master_key"] = running.master_key
+    settings = dataclasses.replace(config.settings, **kept)
     return dataclasses.replace(config, settings=settings)
+
+
+def settle_auth(config: Config, no_auth: bool = False) -> tuple[Config, str | None]:
+    """Before forking: a config without a master key gets a generated one (every worker then
+    shares it), unless open mode was asked for. Returns the config and the generated key."""
+    settings = config.settings
+    if settings.master_key:
+        return config, None
+    if no_auth or settings.allow_unauthenticated:
+        settings = dataclasses.replace(settings, allow_unauthenticated=True)
+        return dataclasses.replace(config, settings=settings), None
+    if settings.store_model_in_db and not config.environ.get("LITELLM_SALT_KEY"):
+        raise ConfigError("store_model_in_db encrypts stored secrets with LITELLM_SALT_KEY or the master key, "
+                          "and a generated master key changes at every start: set LITELLM_SALT_KEY or a master key")
+    key = "sk-" + secrets.token_urlsafe(24)
+    settings = dataclasses.replace(settings, master_key=Secret(key))
+    return dataclasses.replace(config, settings=settings), key
 
 
 def make_application(gw: Gateway) -> tornado.web.Application:
@@ -122,13 +145,28 @@ def validate(config: Config) -> Registry:
 
 def log_startup_warnings(config: Config, registry: Registry) -> list[str]:
     """Everything an operator should fix, logged once; also what ``proxyctl check`` prints."""
-    warnings = []
-    if not config.settings.master_key:
-        warnings.append("NO MASTER KEY IS SET: every route is open to anyone who can reach this port. "
-                        "Set general_settings.master_key or LITELLM_MASTER_KEY.")
+    warnings = [f"{where}: os.environ/{name} is not set; the value is treated as empty"
+                for where, name in config.unset_env]
+    settings = config.settings
+    if not settings.master_key and settings.allow_unauthenticated:
+        warnings.append("NO MASTER KEY, AUTHENTICATION IS OFF (allow_unauthenticated / --no-auth): every "
+                        "route, the model API included, is open to anyone who can reach this port.")
+    elif not settings.master_key:
+        warnings.append("no master key is set: `proxyctl serve` generates one at start-up and prints it. "
+                        "Set general_settings.master_key or LITELLM_MASTER_KEY to choose it.")
     warnings += [f"{p}; requests for it get a 400" for p in registry.problems()]
-    if config.ignored:
-        warnings.append("ignored config keys (kept, not used by this gateway): " + ", ".join(config.ignored))
+    warnings += database_warnings(config)
+    warnings += [describe_ignored(key, config.router_settings) for key in config.ignored]
     for line in warnings:
         log.warning("%s", line)
     return warnings
+
+
+def database_warnings(config: Config) -> list[str]:
+    """Database settings that would otherwise do nothing without a word."""
+    s = config.settings
+    if s.database_url and not s.store_model_in_db:
+        return ["database_url is set but store_model_in_db is off: the database is not used. This gateway "
+                "keeps only models in PostgreSQL (no virtual keys or spend logs yet); set "
+                "general_settings.store_model_in_db: true (or STORE_MODEL_IN_DB=true) to serve models from it."]
+    return []

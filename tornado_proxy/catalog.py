@@ -120,8 +120,14 @@ class Catalog:
         """Re-read the database models; publish a new registry if anything changed."""
         async with self._refresh_lock:
             yaml_ids = {d.id for d in self._yaml}
+            known_bad = self.store.undecryptable
             fresh = tuple(await self.store.deployments(exclude_ids=yaml_ids))
             self._connected()
+            if self.store.undecryptable and self.store.undecryptable != known_bad:
+                bad = self.store.undecryptable
+                log.warning("%d stored model(s) cannot be decrypted with the current LITELLM_SALT_KEY / master "
+                            "key (changed since they were stored?); requests for them get a 400 until they "
+                            "are re-added through /model/update: %s", len(bad), ", ".join(bad))
             if fresh != self._db:
                 self._db = fresh
                 self.registry = self._build()

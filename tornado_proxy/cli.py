@@ -14,8 +14,8 @@ from pathlib import Path
 import click
 
 from . import __version__, logscrub
-from .app import log_startup_warnings, validate
-from .config import SECRET_KEY, Config, ConfigError, Secret, is_secret_name, load
+from .app import log_startup_warnings, settle_auth, validate
+from .config import DEFAULT_ROUTES_FILE, SECRET_KEY, Config, ConfigError, Secret, is_secret_name, load
 
 log = logging.getLogger("tornado_proxy")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
@@ -43,7 +43,17 @@ def config_secrets(config: Config) -> list[str]:
 
 
 def default_config_path() -> str:
-    return os.environ.get("CONFIG_FILE_PATH") or "routes.yaml"
+    """``CONFIG_FILE_PATH``, else ./routes.yaml, else (an installed gateway run from a folder
+    without one) the packaged default configuration."""
+    if os.environ.get("CONFIG_FILE_PATH"):
+        return os.environ["CONFIG_FILE_PATH"]
+    return "routes.yaml" if Path("routes.yaml").exists() else str(DEFAULT_ROUTES_FILE)
+
+
+def announce_packaged_default(config_path: str) -> None:
+    if config_path == str(DEFAULT_ROUTES_FILE):
+        click.echo(f"no routes.yaml in {os.getcwd()} and no --config: using the packaged default "
+                   f"configuration {config_path}", err=True)
 
 
 def load_or_exit(path: str):
@@ -67,31 +77,46 @@ def cli() -> None:
     """An OpenAI-compatible LLM gateway (a drop-in for the LiteLLM proxy's config.yaml)."""
 
 
+CONFIG_HELP = "routes.yaml or a LiteLLM config.yaml (env CONFIG_FILE_PATH) [default: ./routes.yaml, else the packaged default]."
+
+
 @cli.command()
-@click.option("--config", "config_path", default=default_config_path, show_default="routes.yaml",
-              help="routes.yaml or a LiteLLM config.yaml (env CONFIG_FILE_PATH).")
-@click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", default=4000, show_default=True, type=int)
-@click.option("--num-workers", type=int, default=None, help="Worker processes [env NUM_WORKERS, default 8].")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml",
+              help=CONFIG_HELP)
+@click.option("--host", default="0.0.0.0", show_default=True, envvar="HOST", help="[env HOST]")
+@click.option("--port", default=4000, show_default=True, type=int, envvar="PORT", help="[env PORT]")
+@click.option("--num-workers", "--num_workers", "num_workers", type=int, default=None,
+              help="Worker processes [env NUM_WORKERS, default 8].")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR [env LITELLM_LOG, default INFO].")
+@click.option("--detailed_debug", "--detailed-debug", "detailed_debug", is_flag=True,
+              help="Same as --log-level DEBUG (LiteLLM's spelling).")
 @click.option("--pid-file", type=click.Path(path_type=Path), default=None,
               help="Where `proxyctl reload` finds this server [default: var/proxyctl-PORT.pid].")
 @click.option("--require-db", is_flag=True, help="Exit at once if the database is unreachable.")
-@click.option("--embedded-db", is_flag=True, help="Run a private PostgreSQL (database_url: embedded).")
+@click.option("--embedded-db", is_flag=True, help="Run a private PostgreSQL (same as database_url: embedded).")
+@click.option("--no-auth", is_flag=True,
+              help="No master key set: serve without auth instead of generating a key (loud warning).")
 def serve(config_path: str, host: str, port: int, num_workers: int | None, log_level: str | None,
-          pid_file: Path | None, require_db: bool, embedded_db: bool) -> None:
+          detailed_debug: bool, pid_file: Path | None, require_db: bool, embedded_db: bool, no_auth: bool) -> None:
     """Start the gateway."""
-    from .server import ServeOptions, serve as run_server  # tornado's server stack only when serving
+    from .server import BindError, ServeOptions, serve as run_server  # tornado's server stack only when serving
 
+    announce_packaged_default(config_path)
     config = load_or_exit(config_path)
     if embedded_db:
         config = use_embedded(config)
     validate_or_exit(config)  # before forking: a bad route or model stops start-up once, with the file named
-    setup_logging(log_level or config.settings.log_level)
+    setup_logging("DEBUG" if detailed_debug else log_level or config.settings.log_level)
     logscrub.install(config_secrets(config))
     workers = num_workers if num_workers is not None else config.settings.num_workers
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--num-workers / NUM_WORKERS")
+    try:
+        config, generated_key = settle_auth(config, no_auth)  # before forking: every worker shares the key
+    except ConfigError as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
+    if generated_key:
+        print_generated_key(generated_key)
     log.info("tornado-proxy %s: config %s, %d model deployment(s)", __version__, config_path, len(config.models))
     from .embedded import EmbeddedError
 
@@ -100,10 +125,23 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
                                                  require_db=require_db))
     except EmbeddedError as exc:
         raise click.ClickException(f"embedded PostgreSQL: {exc}") from None
+    except BindError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
     sys.exit(status)
 
 
+def print_generated_key(key: str) -> None:
+    """Once, on the terminal (stderr, so also in a service's log), as Jupyter prints its token."""
+    click.echo("\n    No master key is set (general_settings.master_key / LITELLM_MASTER_KEY), so this run\n"
+               "    uses a generated one, shared by every worker until the gateway stops:\n\n"
+               f"        {key}\n\n"
+               "    Send it as `Authorization: Bearer <key>`. Set LITELLM_MASTER_KEY to keep a key across\n"
+               "    restarts, or start with --no-auth to serve without one.\n", err=True)
+
+
 def use_embedded(config: Config) -> Config:
+    """``--embedded-db``: exactly ``database_url: embedded`` (which turns store_model_in_db on)."""
     settings = dataclasses.replace(config.settings, database_url=Secret("embedded"), store_model_in_db=True)
     return dataclasses.replace(config, settings=settings)
 
@@ -153,7 +191,7 @@ def is_gateway_process(pid: int) -> bool:
 
 
 @cli.command()
-@click.option("--config", "config_path", default=default_config_path, show_default="routes.yaml")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml")
 @click.option("--dry-run", is_flag=True, help="Print the changes without applying them.")
 def sync(config_path: str, dry_run: bool) -> None:
     """Sync the config file's models into the database: print the diff, then apply it."""
@@ -232,10 +270,12 @@ def run_with_database(config: Config, work, need_cipher: bool = True):
 
 
 @cli.command()
-@click.option("--config", "config_path", default=default_config_path, show_default="routes.yaml")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml",
+              help=CONFIG_HELP)
 def check(config_path: str) -> None:
     """Validate a config file without starting: routes, schemas, models, settings."""
     setup_logging("ERROR")
+    announce_packaged_default(config_path)
     config = load_or_exit(config_path)
     registry = validate_or_exit(config)
     for line in log_startup_warnings(config, registry):

@@ -113,31 +113,45 @@ class Setting:
     kind: type
     help: str
     secret: bool = False
+    minimum: float | None = None  # smallest allowed value (see ``above``)
+    above: bool = False           # True: the value must be strictly greater than ``minimum``
+
+    def check_range(self, value: Any, where: str) -> None:
+        if self.minimum is None or value is None or isinstance(value, (bool, Secret)):
+            return
+        if value < self.minimum or (self.above and value == self.minimum):
+            bound = f"greater than {self.minimum:g}" if self.above else f"at least {self.minimum:g}"
+            raise ConfigError(f"{where}: must be {bound}, got {value!r}")
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("master_key", "general_settings", "LITELLM_MASTER_KEY", None, str,
-            "Admin key clients send as `Authorization: Bearer ...`. Unset: no auth (a loud warning).", True),
+            "Admin key clients send as `Authorization: Bearer ...`. Unset: `serve` generates one and "
+            "prints it; configured but empty (an unset `os.environ/` variable) stops start-up.", True),
+    Setting("allow_unauthenticated", "general_settings", None, False, bool,
+            "Serve without any key when no master key is set (`serve --no-auth`); a loud warning."),
     Setting("database_url", "general_settings", "DATABASE_URL", None, str,
-            "PostgreSQL DSN for the model registry.", True),
+            "PostgreSQL DSN for the model registry (used with store_model_in_db); `embedded` runs a "
+            "private PostgreSQL (`serve --embedded-db`) and turns store_model_in_db on.", True),
     Setting("store_model_in_db", "general_settings", "STORE_MODEL_IN_DB", False, bool,
             "Sync YAML models into PostgreSQL and serve models added through the API."),
     Setting("database_connection_pool_limit", "general_settings", None, 10, int,
-            "PostgreSQL connections per worker."),
+            "PostgreSQL connections per worker.", minimum=1),
     Setting("database_connection_timeout", "general_settings", None, 5.0, float,
-            "Seconds to connect to PostgreSQL, and the statement timeout."),
+            "Seconds to connect to PostgreSQL, and the statement timeout.", minimum=0, above=True),
     Setting("model_refresh_interval", "general_settings", None, 30.0, float,
-            "Seconds between full re-reads of the database models (LISTEN/NOTIFY does the fast path)."),
+            "Seconds between full re-reads of the database models (LISTEN/NOTIFY does the fast path).",
+            minimum=0, above=True),
     Setting("embedded_db_dir", "general_settings", None, "var/pgdata", str,
             "Data folder of the private PostgreSQL used with `database_url: embedded`."),
     Setting("max_request_size_mb", "general_settings", None, 16.0, float,
-            "Largest request body accepted; bigger ones get 413."),
+            "Largest request body accepted; bigger ones get 413.", minimum=0, above=True),
     Setting("upstream_max_connections", "general_settings", None, 1000, int,
-            "Concurrent upstream transfers per worker (the pycurl handle pool)."),
+            "Concurrent upstream transfers per worker (the pycurl handle pool).", minimum=1),
     Setting("upstream_connect_timeout", "general_settings", None, 10.0, float,
-            "Seconds to establish an upstream connection."),
+            "Seconds to establish an upstream connection.", minimum=0, above=True),
     Setting("graceful_shutdown_timeout", "general_settings", None, 30.0, float,
-            "Seconds in-flight requests and streams get to finish after SIGTERM."),
+            "Seconds in-flight requests and streams get to finish after SIGTERM.", minimum=0),
     Setting("require_auth_for_metrics_endpoint", "general_settings", None, False, bool,
             "`/metrics` needs a key (any key the gateway accepts); off, it is open as in LiteLLM."),
     Setting("trusted_proxies", "general_settings", None, (), tuple,
@@ -145,17 +159,19 @@ SETTINGS: tuple[Setting, ...] = (
             "X-Forwarded-For / X-Real-Ip believed (for the access log's remote_ip); from anyone else it is ignored."),
     Setting("keepalive_timeout", "general_settings", "KEEPALIVE_TIMEOUT", 75.0, float,
             "Seconds an idle client connection is kept open (`--keepalive_timeout`). Keep it above your load "
-            "balancer's idle timeout (AWS ALB: 60 s) so that the balancer, not the gateway, closes idle connections."),
+            "balancer's idle timeout (AWS ALB: 60 s) so that the balancer, not the gateway, closes idle connections.",
+            minimum=0.001),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
-            "Worker processes sharing the port (`--num-workers`)."),
+            "Worker processes sharing the port (`--num-workers` / `--num_workers`).", minimum=1),
     Setting("log_level", None, "LITELLM_LOG", "INFO", str,
-            "DEBUG, INFO, WARNING or ERROR (`--log-level`)."),
+            "DEBUG, INFO, WARNING or ERROR (`--log-level`; `--detailed_debug` is DEBUG)."),
     Setting("timeout", "router_settings", None, 600.0, float,
-            "Default upstream timeout in seconds when a deployment sets none."),
+            "Default upstream timeout in seconds when a deployment sets none.", minimum=0, above=True),
     Setting("stream_timeout", "router_settings", None, None, float,
-            "Default seconds to the first streamed byte when a deployment sets none."),
+            "Default seconds to the first streamed byte when a deployment sets none.", minimum=0,
+            above=True),
 )
 SETTINGS_SECTIONS = ("general_settings", "router_settings", "litellm_settings")
 KNOWN_SECTIONS = ("routes", "model_list", "general_settings", "router_settings",
@@ -165,6 +181,7 @@ KNOWN_SECTIONS = ("routes", "model_list", "general_settings", "router_settings",
 @dataclass(frozen=True)
 class Settings:
     master_key: Secret | None = None
+    allow_unauthenticated: bool = False
     database_url: Secret | None = None
     store_model_in_db: bool = False
     database_connection_pool_limit: int = 10
@@ -203,6 +220,9 @@ class ModelSpec:
     litellm_params: Mapping[str, Any] = field(repr=False)  # holds resolved keys: never printed
     model_info: Mapping[str, Any]
     where: str  # "model_list[3]", for messages
+    # litellm_params names whose ``os.environ/NAME`` was not set -> NAME (api_base must not
+    # silently become the provider's public default)
+    unset: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -218,6 +238,7 @@ class Config:
     litellm_settings: Mapping[str, Any] = field(default_factory=dict, repr=False)
     ignored: tuple[str, ...] = ()
     own_env: frozenset[str] = frozenset()  # variables the settings sections read (see is_own_secret_env)
+    unset_env: tuple[tuple[str, str], ...] = ()  # (YAML path, NAME) of every unset os.environ/NAME
 
 
 def resource_dir(name: str) -> Path:
@@ -287,6 +308,18 @@ def resolve_env(value: Any, environ: Mapping[str, str], missing: list[str]) -> A
     return value
 
 
+def unset_references(value: Any, environ: Mapping[str, str], where: str = "") -> list[tuple[str, str]]:
+    """``(YAML path, NAME)`` for every ``os.environ/NAME`` (at any depth) that is not set."""
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        name = value[len(ENV_PREFIX):]
+        return [] if name in environ else [(where, name)]
+    if isinstance(value, dict):
+        return [u for k, v in value.items() for u in unset_references(v, environ, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [u for i, v in enumerate(value) for u in unset_references(v, environ, f"{where}[{i}]")]
+    return []
+
+
 def coerce(setting: Setting, value: Any, where: str) -> Any:
     if value is None:
         return None
@@ -333,7 +366,27 @@ def build_settings(sections: Mapping[str, Mapping[str, Any]], environ: Mapping[s
             raw, where = environ[s.env], f"environment {s.env}"
         if raw is not None:
             values[s.name] = coerce(s, raw, where)
+            s.check_range(values[s.name], where)
+    if values.get("database_url") and values["database_url"].reveal() == "embedded":
+        values["store_model_in_db"] = True  # the private database exists only to store models
     return Settings(**values)
+
+
+def check_master_key(doc: Mapping[str, Any], resolved: Mapping[str, Any], path: str) -> None:
+    """A master key that is configured but comes out empty would leave every route open: stop."""
+    general = doc.get("general_settings") or {}
+    if "master_key" not in general:
+        return
+    raw, value = general["master_key"], (resolved.get("general_settings") or {}).get("master_key")
+    if value not in (None, ""):
+        return
+    if isinstance(raw, str) and raw.startswith(ENV_PREFIX):
+        problem = f"{raw} is not set" if value is None else f"{raw} is set but empty"
+    else:
+        problem = "is empty"
+    raise ConfigError(f"{path}: general_settings.master_key: {problem}. Set it, or remove the line: "
+                      "`serve` then generates a key and prints it (or opt into no auth with "
+                      "general_settings.allow_unauthenticated: true / `serve --no-auth`).")
 
 
 def parse_routes(raw_routes: list[dict]) -> tuple[RouteSpec, ...]:
@@ -376,15 +429,78 @@ def load_default_routes() -> tuple[RouteSpec, ...]:
     return parse_routes(doc["routes"])
 
 
+# What a LiteLLM setting this gateway does not implement costs the user (item by item, so
+# `proxyctl check` and start-up can say it). Keys not in this table get a generic line.
+UNSUPPORTED: Mapping[str, str] = {
+    "litellm_settings.cache": "responses are not cached",
+    "litellm_settings.cache_params": "responses are not cached",
+    "litellm_settings.success_callback": "successful calls are not sent to these callbacks (only the JSON "
+                                         "request log and /metrics)",
+    "litellm_settings.failure_callback": "failed calls are not sent to these callbacks",
+    "litellm_settings.callbacks": "no callbacks are run",
+    "litellm_settings.num_retries": "failed calls are not retried",
+    "litellm_settings.request_timeout": "not read; use router_settings.timeout or a deployment's timeout",
+    "litellm_settings.fallbacks": "there are no fallbacks to other model groups",
+    "litellm_settings.context_window_fallbacks": "there are no context-window fallbacks",
+    "litellm_settings.set_verbose": "not read; use --log-level DEBUG or --detailed_debug",
+    "litellm_settings.json_logs": "not read; the request log is always JSON",
+    "litellm_settings.max_budget": "no budget is enforced",
+    "litellm_settings.default_team_settings": "teams are not implemented",
+    "general_settings.alerting": "no alerts are sent (Slack, email, ...)",
+    "general_settings.alerting_threshold": "no alerts are sent",
+    "general_settings.disable_spend_logs": "spend is not logged anyway",
+    "general_settings.proxy_batch_write_at": "spend is not written to the database",
+    "general_settings.ui_username": "there is no admin UI",
+    "general_settings.ui_password": "there is no admin UI",
+    "general_settings.enforce_user_param": "the `user` field is not required",
+    "general_settings.allowed_routes": "every route in the routes table is served",
+    "general_settings.public_routes": "only routes with `auth: none` are public",
+    "general_settings.custom_auth": "custom auth is not run: only the master key is accepted",
+    "general_settings.max_parallel_requests": "no limit on parallel requests",
+    "general_settings.global_max_parallel_requests": "no limit on parallel requests",
+    "general_settings.background_health_checks": "models are not health-checked in the background",
+    "general_settings.health_check_interval": "models are not health-checked in the background",
+    "router_settings.num_retries": "failed calls are not retried on another deployment",
+    "router_settings.retry_policy": "failed calls are not retried",
+    "router_settings.fallbacks": "there are no fallbacks to other model groups",
+    "router_settings.context_window_fallbacks": "there are no context-window fallbacks",
+    "router_settings.content_policy_fallbacks": "there are no content-policy fallbacks",
+    "router_settings.allowed_fails": "deployments are not cooled down after failures",
+    "router_settings.cooldown_time": "deployments are not cooled down after failures",
+    "router_settings.redis_host": "no Redis: rpm/tpm and cooldowns are not shared between instances",
+    "router_settings.redis_port": "no Redis: rpm/tpm and cooldowns are not shared between instances",
+    "router_settings.redis_password": "no Redis: rpm/tpm and cooldowns are not shared between instances",
+    "router_settings.cache_responses": "responses are not cached",
+    "router_settings.enable_pre_call_checks": "no context-window pre-call checks",
+    "router_settings.model_group_retry_policy": "failed calls are not retried",
+}
+ROUTING_STRATEGIES = ("simple-shuffle",)  # router.py: weight/rpm/tpm-weighted shuffle, order tiers
+
+
 def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
     known = {s.name for s in SETTINGS if s.section == "general_settings"}
-    used_router = {s.name for s in SETTINGS if s.section == "router_settings"} | {"routing_strategy"}
+    used_router = {s.name for s in SETTINGS if s.section == "router_settings"} | {"model_group_alias"}
     out = [k for k in doc if k not in KNOWN_SECTIONS]
     out += [f"general_settings.{k}" for k in (doc.get("general_settings") or {}) if k not in known]
-    out += [f"router_settings.{k}" for k in (doc.get("router_settings") or {}) if k not in used_router]
+    router = doc.get("router_settings") or {}
+    out += [f"router_settings.{k}" for k in router if k not in used_router
+            and not (k == "routing_strategy" and router[k] in ROUTING_STRATEGIES)]
     used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"}
     out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {}) if k not in used_litellm]
     return tuple(out)
+
+
+def describe_ignored(key: str, doc_router: Mapping[str, Any] | None = None) -> str:
+    """One warning line for a setting this gateway does not implement: what the user loses."""
+    if key == "router_settings.routing_strategy":
+        strategy = (doc_router or {}).get("routing_strategy")
+        return (f"{key}: {strategy!r} is not implemented; deployments are picked by simple-shuffle "
+                "(weight, else rpm/tpm) within order tiers")
+    if key in UNSUPPORTED:
+        return f"{key}: not implemented: {UNSUPPORTED[key]}"
+    if "." not in key:
+        return f"{key}: unknown section, kept and not used"
+    return f"{key}: not used by this gateway (kept); whatever it does in LiteLLM does not happen here"
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -398,13 +514,15 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     overlay = {k: str(v) for k, v in (doc.get("environment_variables") or {}).items() if v is not None}
     env = {**base_env, **overlay}
     missing: list[str] = []
-    resolved = resolve_env({k: v for k, v in doc.items() if k != "routes"}, env, missing)
-    for name in sorted(set(missing)):
-        log.warning("%s: os.environ/%s is not set; the value is treated as empty", path, name)
+    body = {k: v for k, v in doc.items() if k not in ("routes", "environment_variables")}
+    resolved = resolve_env(body, env, missing)
+    check_master_key(doc, resolved, path)
     routes = parse_routes(doc["routes"]) if doc.get("routes") else load_default_routes()
+    raw_models = doc.get("model_list") or ()
     models = assign_ids(tuple(
         ModelSpec(model_name=m["model_name"], litellm_params=dict(m.get("litellm_params") or {}),
-                  model_info=dict(m.get("model_info") or {}), where=f"model_list[{i}]")
+                  model_info=dict(m.get("model_info") or {}), where=f"model_list[{i}]",
+                  unset=unset_params(raw_models[i].get("litellm_params") or {}, env))
         for i, m in enumerate(resolved.get("model_list") or ())))
     return Config(
         path=path, routes=routes, models=models,
@@ -412,5 +530,11 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         general_settings=resolved.get("general_settings") or {},
         router_settings=resolved.get("router_settings") or {},
         litellm_settings=resolved.get("litellm_settings") or {},
-        ignored=ignored_keys(doc),
+        ignored=ignored_keys(doc), unset_env=tuple(unset_references(body, env)),
         own_env=frozenset(env_refs({k: doc.get(k) for k in SETTINGS_SECTIONS if isinstance(doc.get(k), dict)})))
+
+
+def unset_params(raw_params: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """litellm_params name -> NAME, for top-level values ``os.environ/NAME`` that are not set."""
+    return {k: v[len(ENV_PREFIX):] for k, v in raw_params.items()
+            if isinstance(v, str) and v.startswith(ENV_PREFIX) and v[len(ENV_PREFIX):] not in environ}

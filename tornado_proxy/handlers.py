@@ -3,6 +3,7 @@ scrubbed access log) and the LLM endpoint handlers."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -15,7 +16,7 @@ import tornado.web
 
 from .auth import authenticate, authorize
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
-                     RequestTooLargeError, UpstreamError)
+                     RequestTooLargeError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError)
 from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest, event_object
@@ -73,6 +74,13 @@ class BaseHandler(tornado.web.RequestHandler):
         ctx = getattr(self, "ctx", None)  # Tornado calls this before initialize() too
         if ctx is not None:
             self.set_header("x-litellm-call-id", ctx.call_id)
+            if ctx.deployment is not None:  # send_error's clear() comes here too: errors keep them
+                self.set_model_headers(ctx.deployment)
+
+    def set_model_headers(self, d: Deployment) -> None:
+        self.set_header("x-litellm-model-id", d.id)
+        self.set_header("x-litellm-model-group", self.ctx.requested_model or self.ctx.model_group)
+        self.set_header("x-litellm-model-api-base", d.public_api_base)
 
     @property
     def auth_level(self) -> str:
@@ -287,6 +295,19 @@ def media_type(headers) -> str | None:
     return value.partition(";")[0].strip().lower() if value else None
 
 
+@contextlib.contextmanager
+def naming_deployment(d: Deployment, call_id: str):
+    """A transport failure (cannot connect, timed out) names the deployment and the address
+    tried, in the error and in a WARNING line: "curl error 7" alone gives nothing to act on."""
+    try:
+        yield
+    except (UpstreamConnectionError, UpstreamTimeoutError) as exc:
+        where = d.public_api_base or "the provider's default address"
+        exc.message = f"{exc.message} [deployment model_id={d.id} ({d.model_name}), api_base {where}]"
+        log.warning("call %s: %s", call_id, exc.message)
+        raise
+
+
 class NotFoundHandler(BaseHandler):
     """Every path no route matches: an OpenAI-style 404."""
 
@@ -335,10 +356,12 @@ class LLMHandler(BaseHandler):
         endpoint, body = self.translate(provider, body)
         if provider.local:
             self.answer_locally(provider, d, endpoint, body)
-        elif self.ctx.stream:
-            await self.relay_stream(provider, d, endpoint, body)
-        else:
-            await self.relay(provider, d, endpoint, body)
+            return
+        with naming_deployment(d, self.ctx.call_id):
+            if self.ctx.stream:
+                await self.relay_stream(provider, d, endpoint, body)
+            else:
+                await self.relay(provider, d, endpoint, body)
 
     def deployment_for(self, body: dict) -> Deployment:
         self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
@@ -359,11 +382,6 @@ class LLMHandler(BaseHandler):
     def upstream_request(self, provider: Provider, d: Deployment, endpoint: str, body: dict,
                          stream: bool) -> UpstreamRequest:
         return provider.build_request(d, endpoint, body, stream=stream)
-
-    def set_model_headers(self, d: Deployment) -> None:
-        self.set_header("x-litellm-model-id", d.id)
-        self.set_header("x-litellm-model-group", self.ctx.requested_model)
-        self.set_header("x-litellm-model-api-base", d.public_api_base)
 
     def set_duration_headers(self) -> None:
         total_ms = (time.perf_counter() - self.ctx.started) * 1000
@@ -582,7 +600,8 @@ class MessagesCountTokensHandler(MessagesHandler):
         self.set_model_headers(d)
         if self.endpoint in provider.passthrough_endpoints:
             self.output = PassThroughOutput
-            await self.relay(provider, d, self.endpoint, body)
+            with naming_deployment(d, self.ctx.call_id):
+                await self.relay(provider, d, self.endpoint, body)
             return
         tokens = provider.count_tokens(d, to_openai_request(body))
         if tokens is None:

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .config import (ConfigError, ModelSpec, env_refs, is_own_secret_env, is_secret_name, resolve_env,
-                     resource_dir)
+                     resource_dir, unset_params)
 from .crypt import Cipher, DecryptError
 from .errors import InvalidRequestError, NotFoundError
 from .registry import build_deployment, derive_id
@@ -109,6 +109,9 @@ def same(a: ModelRow, b: ModelRow, cipher: Cipher) -> bool:
         return False
 
 
+ENV_REFUSED = "litellm_params reads os.environ/"  # how spec_of words a refused reference
+
+
 def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str],
             own_env: frozenset[str] = frozenset()) -> tuple[ModelSpec, str | None]:
     """A stored row as the registry takes it; the second value is why it cannot be served.
@@ -125,13 +128,14 @@ def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str],
     if row.source == "api":
         refused = sorted(n for n in env_refs(params) if is_own_secret_env(n, own_env))
         if refused:
-            problem = (f"litellm_params reads os.environ/{refused[0]}, one of the gateway's own secrets; a model "
+            problem = (f"{ENV_REFUSED}{refused[0]}, one of the gateway's own secrets; a model "
                        "added through the API may only reference provider variables")
             environ = {k: v for k, v in environ.items() if k not in refused}
     missing: list[str] = []
+    unset = unset_params(params, environ)
     params = resolve_env(params, environ, missing)
     return ModelSpec(model_name=row.model_name, litellm_params=params, model_info=dict(row.model_info),
-                     where=f"database model {row.id}"), problem
+                     where=f"database model {row.id}", unset=unset), problem
 
 
 class ModelStore:
@@ -143,6 +147,7 @@ class ModelStore:
         self.own_env = own_env
         self.cipher = cipher
         self.environ = environ
+        self.undecryptable: tuple[str, ...] = ()
 
     async def plan(self, specs: Iterable[ModelSpec]) -> SyncPlan:
         """The sync diff; against an unmigrated database every model is new (nothing is created)."""
@@ -165,11 +170,15 @@ class ModelStore:
         return plan
 
     async def deployments(self, exclude_ids: set[str]):
-        out = []
+        """The database's models as deployments; ``self.undecryptable`` lists the ids whose
+        stored secrets the current key cannot open (served as a 400 naming the reason)."""
+        out, undecryptable = [], []
         for row in await self.db.fetch_models():
             if row.id in exclude_ids:
                 continue
             spec, problem = spec_of(row, self.cipher, self.environ, self.own_env)
+            if problem is not None and not problem.startswith(ENV_REFUSED):
+                undecryptable.append(row.id)
             try:
                 d = build_deployment(spec, self.environ, source="db" if row.source == "api" else "yaml")
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
@@ -178,6 +187,7 @@ class ModelStore:
                 log.warning("database model %s is not served: %s", row.id, describe_error(exc))
                 continue
             out.append(d if problem is None else dataclasses.replace(d, problem=problem))
+        self.undecryptable = tuple(undecryptable)
         return out
 
     def checked_row(self, body: Mapping[str, Any], model_id: str, source: str = "api") -> ModelRow:

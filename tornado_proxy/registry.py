@@ -60,6 +60,10 @@ def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = 
     if provider is None:
         later = " (not supported yet)" if provider_name in KNOWN_ELSEWHERE else ""
         problem = f"Unsupported provider '{provider_name}'{later} for model '{params['model']}'"
+    elif "api_base" in spec.unset:
+        # never fall back to the provider's public address when the configured one is missing
+        problem = (f"api_base is os.environ/{spec.unset['api_base']}, which is not set, for model "
+                   f"'{params['model']}'")
     elif provider_name in NEEDS_API_BASE and not api_base:
         problem = f"Provider '{provider_name}' needs an api_base for model '{params['model']}'"
     info = dict(spec.model_info)
@@ -91,6 +95,9 @@ class Registry:
     wildcards: tuple[tuple[str, tuple[Deployment, ...]], ...]
     aliases: Mapping[str, str]
     by_id: Mapping[str, Deployment]
+    # LiteLLM also answers a request naming a deployment's litellm_params.model
+    # ("openrouter/openai/gpt-3.5-turbo"), after the groups and aliases
+    by_litellm_model: Mapping[str, tuple[Deployment, ...]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, deployments: Iterable[Deployment], generation: int = 1,
@@ -107,7 +114,8 @@ class Registry:
             # LiteLLM allows {"alias": "group"} or {"alias": {"model": "group", "hidden": true}}
             alias_map[alias] = target.get("model") if isinstance(target, dict) else target
         return cls(generation=generation, deployments=deployments, groups=plain, wildcards=wild,
-                   aliases=alias_map, by_id={d.id: d for d in deployments})
+                   aliases=alias_map, by_id={d.id: d for d in deployments},
+                   by_litellm_model=litellm_model_map(deployments))
 
     def resolve(self, model: str) -> tuple[Deployment, ...]:
         """The deployments serving ``model``; an unknown model is a 400 naming it (as LiteLLM).
@@ -115,7 +123,7 @@ class Registry:
         A name that a wildcard would carry into a provider's model id must not be able to steer
         a URL (``gemini/../../x?k=1#``, encoded or not): that is a 400 before any provider runs."""
         name = self.aliases.get(check_model_name(model), model)
-        found = self.groups.get(name)
+        found = self.groups.get(name) or self.exact_deployments(name)
         if found:
             return found
         for pattern, deployments in self.wildcards:
@@ -128,11 +136,26 @@ class Registry:
             f"Invalid model name passed in model={model}. Call `/v1/models` to view available models for "
             "your key.", param="model")
 
+    def exact_deployments(self, name: str) -> tuple[Deployment, ...]:
+        """Not a group: a deployment's model id, or its ``litellm_params.model`` (LiteLLM's
+        router takes both). Tried before wildcards: an exact name beats a pattern."""
+        d = self.by_id.get(name)
+        return (d,) if d is not None else self.by_litellm_model.get(name, ())
+
     def model_names(self) -> list[str]:
         return list(self.groups) + [p for p, _ in self.wildcards] + list(self.aliases)
 
     def problems(self) -> list[str]:
         return [f"model_name '{d.model_name}': {d.problem}" for d in self.deployments if d.problem]
+
+
+def litellm_model_map(deployments: Iterable[Deployment]) -> dict[str, tuple[Deployment, ...]]:
+    out: dict[str, list[Deployment]] = {}
+    for d in deployments:
+        model = d.public_params.get("model")
+        if isinstance(model, str) and "*" not in model and "*" not in d.model_name:
+            out.setdefault(model, []).append(d)
+    return {model: tuple(ds) for model, ds in out.items()}
 
 
 def expand_wildcard(d: Deployment, pattern: str, name: str) -> Deployment:

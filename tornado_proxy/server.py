@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -141,7 +142,7 @@ def serve(config: Config, options: ServeOptions) -> int:
             log.info("embedded PostgreSQL running in %s", embedded.data_dir)
         if options.require_db and not database_reachable(config):
             return 1
-        sockets = bind_sockets(options.port, options.host or None, reuse_port=False)
+        sockets = bind(options)
         log.info("listening on %s:%d with %d worker(s)", options.host or "*", options.port, options.workers)
         multiproc_dir = tempfile.mkdtemp(prefix="tornado-proxy-metrics-")
         metrics.enable_multiprocess(multiproc_dir)
@@ -157,6 +158,21 @@ def serve(config: Config, options: ServeOptions) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+class BindError(Exception):
+    """The listening port cannot be had; the message is the one line to print."""
+
+
+def bind(options: ServeOptions) -> list[socket.socket]:
+    try:
+        return bind_sockets(options.port, options.host or None, reuse_port=False)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise BindError(f"port {options.port} is in use (another gateway?)") from None
+        if exc.errno == errno.EACCES:
+            raise BindError(f"port {options.port}: permission denied (ports below 1024 need privileges)") from None
+        raise BindError(f"cannot listen on {options.host or '*'}:{options.port}: {exc.strerror}") from None
 
 
 def stop_starting(signum, _frame) -> None:
