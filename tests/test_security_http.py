@@ -345,3 +345,71 @@ async def test_an_idle_connection_is_closed_after_keepalive_timeout(gateway, fak
     assert got == 200 and headers.get("connection") != "close"
     with pytest.raises(StreamClosedError):
         await asyncio.wait_for(stream.read_bytes(1), 10)  # the server hangs up on its own
+
+
+# -- 7. models created through the API may not read the gateway's own secrets ----------------------
+
+def db_yaml(dsn: str, extra: str = "") -> str:
+    return f"""
+    model_list: []
+    general_settings:
+      store_model_in_db: true
+      database_url: "{dsn}"
+      {extra}
+    """
+
+
+@pytest.mark.parametrize("params", [
+    {"api_key": "os.environ/DATABASE_URL"},
+    {"api_key": "os.environ/LITELLM_MASTER_KEY"},
+    {"api_key": "os.environ/LITELLM_SALT_KEY"},
+    {"api_key": "os.environ/REDIS_PASSWORD"},
+    {"api_key": "sk-x", "extra_headers": {"X-Master": "os.environ/LITELLM_MASTER_KEY"}},
+    {"api_key": "sk-x", "api_base": "os.environ/DATABASE_URL"},
+    {"api_key": "os.environ/MY_GATEWAY_KEY"},  # what this config's general_settings reads
+], ids=["database-url", "master-key", "salt-key", "redis", "header", "api-base", "config-referenced"])
+async def test_api_models_cannot_reference_the_gateways_own_secrets(gateway, fetch, fake_openai, pg_dsn, params):
+    env = {"DATABASE_URL": pg_dsn, "LITELLM_SALT_KEY": "salt-0123456789", "REDIS_PASSWORD": "redis-secret",
+           "MY_GATEWAY_KEY": "gw-secret-value"}
+    gw = await gateway(db_yaml(pg_dsn, "ui_access_mode: os.environ/MY_GATEWAY_KEY"), env=env)
+    body = {"model_name": "stolen", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": fake_openai.base,
+                                                       **params}}
+    r = await fetch(gw, "/model/new", body)
+    assert r.code == 400, r.body
+    error = error_of(r)
+    name = next(v for v in [*params.values(), *params.get("extra_headers", {}).values()]
+                if isinstance(v, str) and v.startswith("os.environ/"))
+    assert name in error["message"]
+    r = await fetch(gw, "/v1/chat/completions", {"model": "stolen", "messages": [{"role": "user", "content": "x"}]})
+    assert r.code == 400
+    assert fake_openai.received == []  # nothing left the gateway
+    for secret in (pg_dsn, MASTER_KEY, "salt-0123456789", "redis-secret", "gw-secret-value"):
+        assert secret not in r.body.decode()
+
+
+async def test_api_models_may_reference_provider_variables(gateway, fetch, fake_openai, pg_dsn):
+    gw = await gateway(db_yaml(pg_dsn), env={"TEAM_OPENAI_KEY": PROVIDER_KEY})
+    r = await fetch(gw, "/model/new", {"model_name": "ok", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": fake_openai.base, "api_key": "os.environ/TEAM_OPENAI_KEY"}})
+    assert r.code == 200, r.body
+    r = await fetch(gw, "/v1/chat/completions", {"model": "ok", "messages": [{"role": "user", "content": "x"}]})
+    assert r.code == 200, r.body
+    assert fake_openai.received[-1].headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+async def test_a_stored_row_reading_a_gateway_secret_is_not_served(gateway, fetch, fake_openai, pg_dsn):
+    """A row written straight into the table (an older version, a manual INSERT) is checked too."""
+    import psycopg2
+    from psycopg2.extras import Json
+    conn = psycopg2.connect(pg_dsn)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO proxy_models (id, model_name, litellm_params, model_info, source) "
+                    "VALUES (%s, %s, %s, %s, 'api')",
+                    ("sneaky", "sneaky", Json({"model": "openai/gpt-4o-mini", "api_base": fake_openai.base,
+                                                "api_key": "os.environ/LITELLM_MASTER_KEY"}), Json({"id": "sneaky"})))
+    conn.close()
+    gw = await gateway(db_yaml(pg_dsn))
+    r = await fetch(gw, "/v1/chat/completions", {"model": "sneaky", "messages": [{"role": "user", "content": "x"}]})
+    assert r.code == 400
+    assert "LITELLM_MASTER_KEY" in error_of(r)["message"]
+    assert fake_openai.received == []
