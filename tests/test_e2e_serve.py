@@ -490,3 +490,34 @@ def test_without_a_database_no_process_loads_the_driver_or_cryptography(serve, f
         maps = mapped_files(pid)
         assert "pycurl" in maps  # the check can see extension modules
         assert "psycopg2" not in maps and "cryptography" not in maps
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_keys_in_malformed_requests_never_reach_the_log(serve):
+    """Issue 9 (5): the served process at DEBUG, attacked with keys in headers Tornado cannot
+    parse and with cut uploads; its stderr never holds the key, and SIGTERM is not held up by
+    requests that never finished (the in-flight leak)."""
+    served = serve(config_yaml(grace=60), 1, "--log-level", "DEBUG")
+    for bad in (b"\x00", b"\x0b", b"\r\nno colon here"):
+        reply = raw_exchange(served.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                             + MASTER_KEY.encode() + bad + b"\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+        assert MASTER_KEY.encode() not in reply
+    for cut in (b"Content-Length: 500\r\n\r\n{\"model\"", b"Transfer-Encoding: chunked\r\n\r\n5\r\nab"):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + MASTER_KEY.encode() + b"\r\n" + cut)
+    chat_counted(served.port)  # still serving
+    assert served.terminate() == 0  # within terminate()'s 20 s, though the grace period is 60 s
+    log = served.stderr()
+    assert "refused a request" in log
+    assert MASTER_KEY not in log

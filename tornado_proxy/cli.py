@@ -96,8 +96,11 @@ CONFIG_HELP = "routes.yaml or a LiteLLM config.yaml (env CONFIG_FILE_PATH) [defa
 @click.option("--embedded-db", is_flag=True, help="Run a private PostgreSQL (same as database_url: embedded).")
 @click.option("--no-auth", is_flag=True,
               help="No master key set: serve without auth instead of generating a key (loud warning).")
+@click.option("--keepalive_timeout", "--keepalive-timeout", "keepalive_timeout", type=click.FloatRange(min=0.001),
+              default=None, help="Seconds an idle client connection stays open [env KEEPALIVE_TIMEOUT, default 75].")
 def serve(config_path: str, host: str, port: int, num_workers: int | None, log_level: str | None,
-          detailed_debug: bool, pid_file: Path | None, require_db: bool, embedded_db: bool, no_auth: bool) -> None:
+          detailed_debug: bool, pid_file: Path | None, require_db: bool, embedded_db: bool, no_auth: bool,
+          keepalive_timeout: float | None) -> None:
     """Start the gateway."""
     from .server import BindError, ServeOptions, serve as run_server  # tornado's server stack only when serving
 
@@ -106,8 +109,10 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
     if embedded_db:
         config = use_embedded(config)
     validate_or_exit(config)  # before forking: a bad route or model stops start-up once, with the file named
+    if keepalive_timeout is not None:
+        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings,
+                                                                          keepalive_timeout=keepalive_timeout))
     setup_logging("DEBUG" if detailed_debug else log_level or config.settings.log_level)
-    logscrub.install(config_secrets(config))
     workers = num_workers if num_workers is not None else config.settings.num_workers
     if workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--num-workers / NUM_WORKERS")
@@ -115,6 +120,7 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
         config, generated_key = settle_auth(config, no_auth)  # before forking: every worker shares the key
     except ConfigError as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
+    logscrub.install(config_secrets(config))  # the generated key too
     if generated_key:
         print_generated_key(generated_key)
     log.info("tornado-proxy %s: config %s, %d model deployment(s)", __version__, config_path, len(config.models))
