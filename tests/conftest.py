@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -159,6 +160,17 @@ async def fake_ollama():
     """A fake Ollama server (no auth, as Ollama)."""
     async with running_fake(ollama_fake, ollama_fake.FakeState()) as state:
         yield state
+
+
+@pytest.fixture
+def restore_logging():
+    """`proxyctl` configures logging for its process; undo that after a test that runs it in-process."""
+    root, access = logging.getLogger(), logging.getLogger("tornado_proxy.access")
+    saved = (list(root.handlers), root.level, list(access.handlers), access.propagate)
+    yield
+    root.handlers[:], access.handlers[:] = saved[0], saved[2]
+    root.setLevel(saved[1])
+    access.propagate = saved[3]
 
 
 async def wait_for(predicate, timeout: float = 5.0) -> None:

@@ -1,6 +1,5 @@
 """proxyctl: `check` through click's CliRunner, and bin/proxyctl run from a checkout."""
 
-import logging
 import os
 import pathlib
 import subprocess
@@ -33,15 +32,7 @@ litellm_settings:
 """
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """`proxyctl` configures logging for its process; undo that between tests."""
-    root, access = logging.getLogger(), logging.getLogger("tornado_proxy.access")
-    saved = (list(root.handlers), root.level, list(access.handlers), access.propagate)
-    yield
-    root.handlers[:], access.handlers[:] = saved[0], saved[2]
-    root.setLevel(saved[1])
-    access.propagate = saved[3]
+pytestmark = pytest.mark.usefixtures("restore_logging")  # proxyctl configures logging
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """config.py: loading, os.environ/ resolution, the settings table, validation errors, redaction."""
 
-import logging
 import pathlib
 import textwrap
 

@@ -24,20 +24,13 @@ from tornado_proxy.config import DEFAULT_ROUTES_FILE
 
 from .conftest import MASTER_KEY, PROVIDER_KEY, error_of, provider_yaml
 from .test_e2e_reload import pin_workers
-from .test_e2e_serve import PROXYCTL, Served, child_env, free_port, request, wait_for
+from .test_e2e_serve import PROXYCTL, Served, child_env, free_port, request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    root, access = logging.getLogger(), logging.getLogger("tornado_proxy.access")
-    saved = (list(root.handlers), root.level, list(access.handlers), access.propagate)
-    yield
-    root.handlers[:], access.handlers[:] = saved[0], saved[2]
-    root.setLevel(saved[1])
-    access.propagate = saved[3]
+pytestmark = pytest.mark.usefixtures("restore_logging")  # proxyctl configures logging
 
 
 @pytest.fixture
