@@ -1,4 +1,5 @@
-"""Model listing, health and metrics handlers. They read gateway state; none calls a provider."""
+"""Model listing, model API, health and metrics handlers. Only ``/health`` calls providers
+(through ``health.check``); the others read gateway state or the database."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 
 import uuid
 
-from . import __version__
+from . import __version__, health
 from .errors import DatabaseUnavailable, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from .handlers import BaseHandler
 from .modelstore import ModelStore, public_view
+from .providers.base import Deployment
+from .registry import Registry, check_model_name
 
 MODEL_CREATED = 1677610602  # the fixed `created` LiteLLM reports for configured models
 
@@ -130,6 +133,44 @@ class ReadinessHandler(BaseHandler):
         })
 
 
+class HealthHandler(BaseHandler):
+    """``GET /health[?model=NAME|?model_id=ID]``: LiteLLM's model health answer. With background
+    checks on, the latest report (from whichever worker ran it) is answered without probing."""
+
+    async def get(self) -> None:
+        registry = self.gw.registry
+        targets = self.targets(registry)
+        settings = self.gw.settings
+        if settings.background_health_checks:
+            report = self.gw.health.latest() or health.HealthReport(checked_at=None)
+        else:
+            report = await health.check(self.gw.upstream, targets, settings.health_check_timeout)
+        body = report.only(d.id for d in targets).to_body()
+        # as LiteLLM: a model asked for by name or id with nothing healthy is a 503 (same body)
+        targeted = self.get_query_argument("model", None) or self.get_query_argument("model_id", None)
+        self.write_json(body, status=503 if targeted and body["unhealthy_count"] and not body["healthy_count"]
+                        else 200)
+
+    def targets(self, registry: Registry) -> tuple[Deployment, ...]:
+        """The deployments asked about: all, one group (or its alias, or a litellm_params.model),
+        or one id. An unknown name is a 400 and an unknown id a 404, as on LiteLLM's routes."""
+        model_id = self.get_query_argument("model_id", None)
+        model = self.get_query_argument("model", None)
+        if model_id:
+            found = registry.by_id.get(check_model_name(model_id))
+            if found is None:
+                raise NotFoundError(f"Model with ID {model_id} not found", param="model_id")
+            return (found,)
+        if not model:
+            return registry.deployments
+        name = registry.aliases.get(check_model_name(model), model)
+        found = tuple(d for d in registry.deployments if d.model_name == name) or registry.by_litellm_model.get(name, ())
+        if not found:
+            raise InvalidRequestError(f"Invalid model name passed in model={model}. Call `/v1/models` to view "
+                                      "available models for your key.", param="model")
+        return found
+
+
 class MetricsHandler(BaseHandler):
     @property
     def auth_level(self) -> str:
@@ -151,5 +192,6 @@ HANDLERS = {
     "model_delete": ModelDeleteHandler,
     "liveliness": LivelinessHandler,
     "readiness": ReadinessHandler,
+    "health": HealthHandler,
     "metrics": MetricsHandler,
 }

@@ -13,6 +13,7 @@ from . import admin, handlers, routes
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .handlers import CallContext
+from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
 from .registry import Registry, build_registry
 from .router import Router
@@ -30,7 +31,8 @@ HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS}
 
 
 class Gateway:
-    def __init__(self, config: Config, metrics: Metrics | None = None, generation: int = 1):
+    def __init__(self, config: Config, metrics: Metrics | None = None, generation: int = 1,
+                 health: HealthMonitor | None = None):
         self.config = config
         self.settings = config.settings
         self.schemas = Schemas(resource_dir("schemas"))
@@ -40,6 +42,8 @@ class Gateway:
         self.upstream: Upstream | None = None
         self.app: tornado.web.Application | None = None
         self.in_flight = 0
+        # alone, this worker checks models itself; under ``serve``, worker 0 checks for all
+        self.health = health or HealthMonitor(MemoryReports(), runs_checks=True)
 
     @property
     def registry(self) -> Registry:
@@ -53,8 +57,10 @@ class Gateway:
         """Create what needs the running event loop; connect the database (if configured)."""
         self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout)
         await self.catalog.start(require_db)
+        self.health.start(self)
 
     async def stop(self) -> None:
+        await self.health.stop()
         await self.catalog.stop()
         if self.upstream is not None:
             self.upstream.close()
@@ -73,7 +79,14 @@ class Gateway:
         if self.app is not None:
             swap_rules(self.app, rules)
         await self.catalog.reload(self.config, generation)
+        self.health.wake()  # models or health settings may have changed: check again now
         log.info("reloaded %s as config generation %d", config.path, generation)
+
+    def unhealthy_deployment_ids(self) -> frozenset[str]:
+        """Ids of the deployments the latest background health check found unhealthy (empty when
+        background checks are off or the latest report is stale). Memory only: the set is
+        refreshed by a timer in every worker, never on a request."""
+        return self.health.unhealthy
 
     def record(self, route: str, ctx: CallContext, status: int, elapsed: float, began: bool) -> None:
         m = self.metrics

@@ -161,6 +161,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an idle client connection is kept open (`--keepalive_timeout`). Keep it above your load "
             "balancer's idle timeout (AWS ALB: 60 s) so that the balancer, not the gateway, closes idle connections.",
             minimum=0.001),
+    Setting("background_health_checks", "general_settings", None, False, bool,
+            "Probe every deployment every `health_check_interval` seconds (one loop per instance, in worker "
+            "0); `GET /health` then answers from the latest results instead of probing."),
+    Setting("health_check_interval", "general_settings", None, 300.0, float,
+            "Seconds between background health checks (LiteLLM's default, 300).", minimum=0, above=True),
+    Setting("health_check_timeout", "general_settings", "HEALTH_CHECK_TIMEOUT_SECONDS", 5.0, float,
+            "Seconds one health-check probe may take (a deployment's `model_info.health_check_timeout` "
+            "wins); slower counts as unhealthy.", minimum=0, above=True),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -195,6 +203,9 @@ class Settings:
     require_auth_for_metrics_endpoint: bool = False
     trusted_proxies: tuple = ()  # ipaddress networks
     keepalive_timeout: float = 75.0
+    background_health_checks: bool = False
+    health_check_interval: float = 300.0
+    health_check_timeout: float = 5.0
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"
@@ -458,8 +469,6 @@ UNSUPPORTED: Mapping[str, str] = {
     "general_settings.custom_auth": "custom auth is not run: only the master key is accepted",
     "general_settings.max_parallel_requests": "no limit on parallel requests",
     "general_settings.global_max_parallel_requests": "no limit on parallel requests",
-    "general_settings.background_health_checks": "models are not health-checked in the background",
-    "general_settings.health_check_interval": "models are not health-checked in the background",
     "router_settings.num_retries": "failed calls are not retried on another deployment",
     "router_settings.retry_policy": "failed calls are not retried",
     "router_settings.fallbacks": "there are no fallbacks to other model groups",

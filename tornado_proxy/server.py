@@ -30,6 +30,7 @@ from .catalog import make_database, storage_problem
 from .config import Config, ConfigError, Secret, Settings, load
 from .errors import DatabaseUnavailable
 from .embedded import EmbeddedPostgres
+from .health import HealthMonitor, MemoryReports, ReportFile, reports_path
 from .httpserver import HEADER_READ_CAP, GatewayHTTPServer
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,13 @@ RESTART_WINDOW = 10.0  # seconds; too many deaths in this window means a crash l
 async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio.Event | None = None,
                      ready: asyncio.Event | None = None, announce: bool = True,
                      handle_signals: bool = True, generation: int = 1,
-                     state_path: Path | None = None) -> None:
+                     state_path: Path | None = None, index: int = 0) -> None:
     """One worker: build the gateway, serve on ``sockets`` until ``stop`` (or a signal), drain.
 
-    SIGHUP re-reads the config the supervisor has just validated (see ``StateFile``)."""
+    SIGHUP re-reads the config the supervisor has just validated (see ``StateFile``). Worker 0
+    runs the background health checks for every worker of the instance."""
     stop = stop or asyncio.Event()
-    gw = Gateway(config, generation=generation)
+    gw = Gateway(config, generation=generation, health=health_monitor(state_path, index))
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,6 +70,13 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
     except asyncio.TimeoutError:
         log.warning("connections still open after the grace period; closing the worker anyway")
     await gw.stop()
+
+
+def health_monitor(state_path: Path | None, index: int) -> HealthMonitor:
+    """Under the supervisor, reports go through a file beside its state file and only worker 0
+    checks; a worker on its own keeps them in memory."""
+    reports = ReportFile(reports_path(state_path)) if state_path is not None else MemoryReports()
+    return HealthMonitor(reports, runs_checks=index == 0)
 
 
 async def reload_worker(gw: Gateway, state_path: Path) -> None:
@@ -149,12 +158,16 @@ def serve(config: Config, options: ServeOptions) -> int:
         pid_file = options.pid_file or default_pid_file(options.port)
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
+        state_path = pid_file.with_suffix(".state")
+        health_reports = ReportFile(reports_path(state_path))
+        health_reports.remove()  # a previous run's results are not this one's
         try:
-            return Supervisor(config, sockets, options.workers, StateFile(pid_file.with_suffix(".state"))).run()
+            return Supervisor(config, sockets, options.workers, StateFile(state_path)).run()
         finally:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
             pid_file.unlink(missing_ok=True)
-            pid_file.with_suffix(".state").unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
+            health_reports.remove()
     finally:
         if embedded is not None:
             embedded.stop()
@@ -230,7 +243,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own handler is in
                 asyncio.run(run_worker(self.config, self.sockets, announce=index == 0,
-                                       generation=self.generation, state_path=self.state.path))
+                                       generation=self.generation, state_path=self.state.path, index=index))
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)
