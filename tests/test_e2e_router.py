@@ -43,7 +43,7 @@ async def test_a_failing_deployment_is_retried_on_the_other(gateway, fetch, fake
     gw = await gateway(pair(fake_openai, fake_openai_b))
     fake_openai.fail_times = 100
     retried = 0
-    for n in range(1, 7):
+    for n in range(1, 41):  # dep-a is picked first half the time
         r = await fetch(gw, "/v1/chat/completions", CHAT)
         assert r.code == 200, r.body
         assert r.headers["x-litellm-model-id"] == "dep-b"
@@ -349,3 +349,28 @@ async def test_sdk_sees_the_final_error_class(client, fake_openai_b):
     fake_openai_b.fail_times, fake_openai_b.fail_status, fake_openai_b.retry_after = 100, 429, "0"
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model="pair", messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_a_client_that_leaves_stops_the_call_and_its_retries(gateway, http, fake_openai, fake_openai_b):
+    import asyncio
+
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+
+    from tests.conftest import MASTER_KEY
+    gw = await gateway(pair(fake_openai, fake_openai_b))
+    fake_openai.latency = fake_openai_b.latency = 2
+    request = HTTPRequest(gw.url + "/v1/chat/completions", method="POST", body=orjson.dumps(CHAT),
+                          headers={"Authorization": f"Bearer {MASTER_KEY}"}, request_timeout=0.3)
+    with pytest.raises(HTTPClientError):
+        await http.fetch(request)
+    await asyncio.sleep(0.5)
+    assert len(fake_openai.received) + len(fake_openai_b.received) == 1  # aborted, and no retry
+
+
+async def test_a_bad_provider_key_falls_back(gateway, fetch, fake_openai, fake_openai_b):
+    gw = await gateway(config(deployment("pair", fake_openai.base, "dep-a").replace(PROVIDER_KEY, "sk-wrong-0000"),
+                              deployment("backup", fake_openai_b.base, "dep-b"),
+                              router='  fallbacks: [{"pair": ["backup"]}]\n'))
+    r = await fetch(gw, "/v1/chat/completions", CHAT)
+    assert r.code == 200 and r.headers["x-litellm-model-id"] == "dep-b"
+    assert len(fake_openai.received) == 1  # a 401 is not retried
