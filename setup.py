@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tornado_proxy", "tornado_proxy.*"]),
-    package_data={"tornado_proxy": ["default_routes.yaml"]},
+    package_data={"tornado_proxy": ["default_routes.yaml", "prices.json"]},
     data_files=[
         ("share/tornado-proxy/schemas", [str(p.relative_to(HERE)) for p in sorted((HERE / "schemas").glob("*.json"))]),
         ("share/tornado-proxy/sql", [str(p.relative_to(HERE)) for p in sorted((HERE / "sql").glob("*.sql"))]),

@@ -142,6 +142,13 @@ async def fake_openai():
 
 
 @pytest.fixture
+async def fake_openai_b():
+    """A second fake OpenAI-compatible provider, for groups of two deployments."""
+    async with running_fake(openai_compat, openai_compat.FakeState(api_key=PROVIDER_KEY), "/v1") as state:
+        yield state
+
+
+@pytest.fixture
 async def fake_anthropic():
     """A fake Anthropic API (its paths start with /v1 themselves)."""
     async with running_fake(anthropic_fake, anthropic_fake.FakeState(api_key=PROVIDER_KEY)) as state:

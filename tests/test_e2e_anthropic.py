@@ -30,6 +30,8 @@ model_list:
     model_info:
       id: dep-claude
 {extra}
+router_settings:  # these tests check how one upstream error is answered
+  num_retries: 0
 """
 
 

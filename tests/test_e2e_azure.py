@@ -32,6 +32,8 @@ model_list:
     litellm_params:
       model: azure/my-instruct
 {extra}
+router_settings:  # these tests check how one upstream error is answered
+  num_retries: 0
 """
 
 

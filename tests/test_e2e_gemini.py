@@ -41,6 +41,8 @@ model_list:
       model: gemini/no-such-model
       api_base: {fake.base}
       api_key: {key}
+router_settings:  # these tests check how one upstream error is answered
+  num_retries: 0
 """
 
 

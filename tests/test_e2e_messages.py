@@ -37,6 +37,8 @@ model_list:
   - model_name: demo
     litellm_params:
       model: mock/demo
+router_settings:  # these tests check how one upstream error is answered
+  num_retries: 0
 """
 
 

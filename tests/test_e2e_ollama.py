@@ -38,6 +38,8 @@ model_list:
     litellm_params:
       model: ollama_chat/not-pulled
       api_base: {fake.base}
+router_settings:  # these tests check how one upstream error is answered
+  num_retries: 0
 """
 
 

@@ -24,6 +24,8 @@ model_list:
       api_base: {api_base}
       api_key: {key}
 {params}
+router_settings:  # these tests check how one upstream error is answered
+  num_retries: 0
 """
 
 
@@ -124,7 +126,7 @@ async def test_deployment_timeout_is_408(gateway, fetch, fake_openai, stream):
 
 
 async def test_router_default_timeout_applies(gateway, fetch, fake_openai):
-    gw = await gateway(deployment_yaml(fake_openai.base) + "router_settings:\n  timeout: 0.3\n")
+    gw = await gateway(deployment_yaml(fake_openai.base).replace("  num_retries: 0\n", "  num_retries: 0\n  timeout: 0.3\n"))
     fake_openai.latency = 10
     assert_json_error(await fetch(gw, "/v1/chat/completions", request(False)), 408)
 

@@ -329,7 +329,7 @@ def rec_level(caplog, message: str) -> int:
 
 
 async def test_error_responses_carry_the_model_headers(gateway, fetch, fake_openai):
-    gw = await gateway(provider_yaml(fake_openai))
+    gw = await gateway(provider_yaml(fake_openai, extra="router_settings: {num_retries: 0}"))
     fake_openai.fail_times, fake_openai.fail_status = 1, 429
     r = await fetch(gw, "/v1/chat/completions", {"model": "gpt-fake", "messages": [{"role": "user", "content": "x"}]})
     assert r.code == 429
@@ -355,7 +355,7 @@ async def test_unset_api_base_variable_never_falls_back_to_the_public_address(ga
 def test_each_unsupported_setting_gets_its_own_line(runner, tmp_path):
     config = write(tmp_path, """\
 general_settings: {master_key: sk-x, alerting: [slack], some_new_thing: 1}
-router_settings: {routing_strategy: latency-based-routing, num_retries: 2}
+router_settings: {routing_strategy: latency-based-routing, num_retries: 2, cache_responses: true}
 litellm_settings: {cache: true, success_callback: [langfuse], drop_params: true}
 """)
     result = runner.invoke(cli, ["check", "-c", config])
@@ -365,14 +365,13 @@ litellm_settings: {cache: true, success_callback: [langfuse], drop_params: true}
         "litellm_settings.cache": "responses are not cached",
         "litellm_settings.success_callback": "callbacks",
         "general_settings.alerting": "no alerts are sent",
-        "router_settings.num_retries": "not retried",
-        "router_settings.routing_strategy": "'latency-based-routing' is not implemented",
+        "router_settings.cache_responses": "responses are not cached",
         "general_settings.some_new_thing": "not used by this gateway",
     }
     for key, loss in expected.items():
         mine = [line for line in lines if line.startswith(f"warning: {key}:")]
         assert len(mine) == 1 and loss in mine[0], (key, lines)
-    assert not any("drop_params" in line for line in lines)
+    assert not any("drop_params" in line or "routing_strategy" in line or "num_retries" in line for line in lines)
 
 
 async def test_unsupported_settings_are_announced_at_startup(gateway, caplog):
@@ -411,7 +410,7 @@ def test_check_in_an_empty_folder_uses_the_packaged_default(runner, tmp_path, mo
 
 def test_the_packaged_default_is_package_data():
     setup = (ROOT / "setup.py").read_text()
-    assert '"tornado_proxy": ["default_routes.yaml"]' in setup
+    assert '"tornado_proxy": ["default_routes.yaml", "prices.json"]' in setup
 
 
 def test_readme_points_to_nothing_outside_the_repository():

@@ -16,7 +16,7 @@ from .handlers import CallContext
 from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
 from .registry import Registry, build_registry
-from .router import Router
+from .router import Router, RouterSettings, with_settings
 from .schemas import Schemas
 from .upstream import Upstream
 
@@ -37,7 +37,7 @@ class Gateway:
         self.settings = config.settings
         self.schemas = Schemas(resource_dir("schemas"))
         self.catalog = Catalog(config, generation)
-        self.router = Router()
+        self.router = Router(RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.metrics = metrics or Metrics()
         self.upstream: Upstream | None = None
         self.app: tornado.web.Application | None = None
@@ -74,8 +74,10 @@ class Gateway:
         for name in RESTART_ONLY:
             if getattr(config.settings, name) != getattr(self.settings, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
+        router = with_settings(self.router, RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.config = keep_restart_only(config, self.settings)
         self.settings = self.config.settings
+        self.router = router
         if self.app is not None:
             swap_rules(self.app, rules)
         await self.catalog.reload(self.config, generation)
@@ -151,6 +153,7 @@ def validate(config: Config) -> Registry:
     """Routes, schemas and models, checked as a worker builds them. Raises ConfigError."""
     try:
         routes.check(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
+        RouterSettings.parse(config.router_settings, config.litellm_settings)
         return build_registry(config.models, config.environ, aliases=config.router_settings.get("model_group_alias"))
     except ConfigError as exc:
         raise ConfigError(f"{config.path}: {exc}") from None

@@ -176,7 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", None, "LITELLM_LOG", "INFO", str,
             "DEBUG, INFO, WARNING or ERROR (`--log-level`; `--detailed_debug` is DEBUG)."),
     Setting("timeout", "router_settings", None, 600.0, float,
-            "Default upstream timeout in seconds when a deployment sets none.", minimum=0, above=True),
+            "Seconds a whole call may take, retries and fallbacks included; also each attempt's timeout when "
+            "its deployment sets none. Default: litellm_settings.request_timeout, else 600.", minimum=0, above=True),
     Setting("stream_timeout", "router_settings", None, None, float,
             "Default seconds to the first streamed byte when a deployment sets none.", minimum=0,
             above=True),
@@ -378,6 +379,11 @@ def build_settings(sections: Mapping[str, Mapping[str, Any]], environ: Mapping[s
         if raw is not None:
             values[s.name] = coerce(s, raw, where)
             s.check_range(values[s.name], where)
+    request_timeout = (sections.get("litellm_settings") or {}).get("request_timeout")
+    if "timeout" not in values and request_timeout is not None:  # LiteLLM's router default
+        timeout = next(s for s in SETTINGS if s.name == "timeout")
+        values["timeout"] = coerce(timeout, request_timeout, f"{path}: litellm_settings.request_timeout")
+        timeout.check_range(values["timeout"], f"{path}: litellm_settings.request_timeout")
     if values.get("database_url") and values["database_url"].reveal() == "embedded":
         values["store_model_in_db"] = True  # the private database exists only to store models
     return Settings(**values)
@@ -449,10 +455,6 @@ UNSUPPORTED: Mapping[str, str] = {
                                          "request log and /metrics)",
     "litellm_settings.failure_callback": "failed calls are not sent to these callbacks",
     "litellm_settings.callbacks": "no callbacks are run",
-    "litellm_settings.num_retries": "failed calls are not retried",
-    "litellm_settings.request_timeout": "not read; use router_settings.timeout or a deployment's timeout",
-    "litellm_settings.fallbacks": "there are no fallbacks to other model groups",
-    "litellm_settings.context_window_fallbacks": "there are no context-window fallbacks",
     "litellm_settings.set_verbose": "not read; use --log-level DEBUG or --detailed_debug",
     "litellm_settings.json_logs": "not read; the request log is always JSON",
     "litellm_settings.max_budget": "no budget is enforced",
@@ -469,42 +471,39 @@ UNSUPPORTED: Mapping[str, str] = {
     "general_settings.custom_auth": "custom auth is not run: only the master key is accepted",
     "general_settings.max_parallel_requests": "no limit on parallel requests",
     "general_settings.global_max_parallel_requests": "no limit on parallel requests",
-    "router_settings.num_retries": "failed calls are not retried on another deployment",
-    "router_settings.retry_policy": "failed calls are not retried",
-    "router_settings.fallbacks": "there are no fallbacks to other model groups",
-    "router_settings.context_window_fallbacks": "there are no context-window fallbacks",
-    "router_settings.content_policy_fallbacks": "there are no content-policy fallbacks",
-    "router_settings.allowed_fails": "deployments are not cooled down after failures",
-    "router_settings.cooldown_time": "deployments are not cooled down after failures",
+    "router_settings.retry_policy": "per-error retry counts are not read: num_retries applies to every "
+                                    "retryable error (408, 429, 5xx, timeouts, connection errors)",
     "router_settings.redis_host": "no Redis: rpm/tpm and cooldowns are not shared between instances",
     "router_settings.redis_port": "no Redis: rpm/tpm and cooldowns are not shared between instances",
     "router_settings.redis_password": "no Redis: rpm/tpm and cooldowns are not shared between instances",
     "router_settings.cache_responses": "responses are not cached",
     "router_settings.enable_pre_call_checks": "no context-window pre-call checks",
-    "router_settings.model_group_retry_policy": "failed calls are not retried",
+    "router_settings.model_group_retry_policy": "per-group retry policies are not read: num_retries applies",
 }
-ROUTING_STRATEGIES = ("simple-shuffle",)  # router.py: weight/rpm/tpm-weighted shuffle, order tiers
+ROUTING_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing-v2",
+                      "cost-based-routing")  # router.py
+# router_settings / litellm_settings keys router.RouterSettings reads (beyond the SETTINGS table).
+ROUTER_KEYS = ("routing_strategy", "routing_strategy_args", "num_retries", "allowed_fails", "cooldown_time",
+               "retry_after", "max_fallbacks", "fallbacks", "context_window_fallbacks", "content_policy_fallbacks",
+               "default_fallbacks", "model_group_alias")
+LITELLM_ROUTER_KEYS = ("num_retries", "request_timeout", "fallbacks", "context_window_fallbacks",
+                       "content_policy_fallbacks", "default_fallbacks")
 
 
 def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
     known = {s.name for s in SETTINGS if s.section == "general_settings"}
-    used_router = {s.name for s in SETTINGS if s.section == "router_settings"} | {"model_group_alias"}
+    used_router = {s.name for s in SETTINGS if s.section == "router_settings"} | set(ROUTER_KEYS)
     out = [k for k in doc if k not in KNOWN_SECTIONS]
     out += [f"general_settings.{k}" for k in (doc.get("general_settings") or {}) if k not in known]
     router = doc.get("router_settings") or {}
-    out += [f"router_settings.{k}" for k in router if k not in used_router
-            and not (k == "routing_strategy" and router[k] in ROUTING_STRATEGIES)]
-    used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"}
+    out += [f"router_settings.{k}" for k in router if k not in used_router]
+    used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"} | set(LITELLM_ROUTER_KEYS)
     out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {}) if k not in used_litellm]
     return tuple(out)
 
 
 def describe_ignored(key: str, doc_router: Mapping[str, Any] | None = None) -> str:
     """One warning line for a setting this gateway does not implement: what the user loses."""
-    if key == "router_settings.routing_strategy":
-        strategy = (doc_router or {}).get("routing_strategy")
-        return (f"{key}: {strategy!r} is not implemented; deployments are picked by simple-shuffle "
-                "(weight, else rpm/tpm) within order tiers")
     if key in UNSUPPORTED:
         return f"{key}: not implemented: {UNSUPPORTED[key]}"
     if "." not in key:

@@ -3,6 +3,7 @@ scrubbed access log) and the LLM endpoint handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import ipaddress
@@ -10,6 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Sequence
 
 import orjson
 import tornado.web
@@ -21,6 +23,7 @@ from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest, event_object
 from .registry import check_model_name
+from .router import NoDeploymentAvailable, fallback_kind, is_retryable
 from .sse import DONE, EventTooLargeError, format_event
 from .upstream import Transfer
 
@@ -48,6 +51,9 @@ class CallContext:
     upstream_s: float = 0.0
     usage: dict | None = None
     stream: bool = False
+    first_token_s: float = 0.0  # a stream's time to its first event
+    retries: int = 0            # attempts after the first, within a model group
+    fallbacks: int = 0          # fallback groups tried
 
 
 @tornado.web.stream_request_body
@@ -78,6 +84,8 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.set_model_headers(ctx.deployment)
 
     def set_model_headers(self, d: Deployment) -> None:
+        self.set_header("x-litellm-attempted-retries", str(self.ctx.retries))
+        self.set_header("x-litellm-attempted-fallbacks", str(self.ctx.fallbacks))
         self.set_header("x-litellm-model-id", d.id)
         self.set_header("x-litellm-model-group", self.ctx.requested_model or self.ctx.model_group)
         self.set_header("x-litellm-model-api-base", d.public_api_base)
@@ -289,6 +297,28 @@ def in_networks(address: str, networks) -> bool:
     return any(ip in net for net in networks)
 
 
+def request_count(body: dict, name: str, default: int) -> int:
+    """A non-negative integer the request may set (``num_retries``), else ``default``."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{name} must be a non-negative integer.", param=name)
+    return value
+
+
+def request_fallbacks(body: dict) -> tuple[str, ...]:
+    """The request's own ``fallbacks``: model group names (or ``{"model": name}`` objects), as
+    LiteLLM's proxy takes them; tried before the configured ones."""
+    value = body.get("fallbacks")
+    if value is None:
+        return ()
+    names = [v.get("model") if isinstance(v, dict) else v for v in value] if isinstance(value, list) else None
+    if names is None or not all(isinstance(n, str) and n for n in names):
+        raise InvalidRequestError("fallbacks must be a list of model names.", param="fallbacks")
+    return tuple(names)
+
+
 def media_type(headers) -> str | None:
     """A reply's Content-Type without parameters, lower-cased (None when it has none)."""
     value = headers.first("Content-Type") if hasattr(headers, "first") else headers.get("Content-Type")
@@ -341,33 +371,122 @@ class LLMHandler(BaseHandler):
     streams = True
     output = OpenAIOutput
     transfer: Transfer | None = None
+    client_gone = False
     _unflushed = 0  # stream bytes written since the last completed flush
 
     async def post(self, **_path) -> None:
         body = self.json_body()
-        d = self.deployment_for(body)
-        provider = PROVIDERS[d.provider]
-        if "mock_response" in body or d.mock_response is not None:
-            provider = PROVIDERS["mock"]
+        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
         self.ctx.stream = self.streams and bool(body.get("stream"))
         if self.gw.settings.drop_params and "drop_params" not in body:
             body["drop_params"] = True  # litellm_settings.drop_params: for every request
-        self.set_model_headers(d)
-        endpoint, body = self.translate(provider, body)
-        if provider.local:
-            self.answer_locally(provider, d, endpoint, body)
-            return
-        with naming_deployment(d, self.ctx.call_id):
-            if self.ctx.stream:
-                await self.relay_stream(provider, d, endpoint, body)
-            else:
-                await self.relay(provider, d, endpoint, body)
+        await self.call_with_fallbacks(body)
 
-    def deployment_for(self, body: dict) -> Deployment:
-        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
-        d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
+    async def call_with_fallbacks(self, body: dict) -> None:
+        """The policy: the requested group with its retries, then (for an error that allows it)
+        each fallback group in turn, with theirs, up to ``max_fallbacks``; the last error is
+        the answer. ``router_settings.timeout`` bounds it all."""
+        router = self.gw.router
+        retries = request_count(body, "num_retries", router.settings.num_retries)
+        deadline = self.ctx.started + self.gw.settings.timeout
+        deployments = self.gw.registry.resolve(body["model"])
+        error = await self.call_group(deployments, body, retries, deadline)
+        if error is None:
+            return
+        kind = fallback_kind(error)
+        groups = router.fallback_groups(deployments[0].model_name, kind, request_fallbacks(body)) if kind else ()
+        for group in groups[:router.settings.max_fallbacks]:
+            if self.client_gone or time.perf_counter() >= deadline:
+                break
+            try:
+                deployments = self.gw.registry.resolve(group)
+            except ProxyError:
+                log.warning("call %s: fallback model group %r does not exist; skipped", self.ctx.call_id, group)
+                continue
+            self.ctx.fallbacks += 1
+            log.info("call %s: falling back to %r after: %s", self.ctx.call_id, group, error.message)
+            error = await self.call_group(deployments, body, retries, deadline)
+            if error is None:
+                return
+        if not self.client_gone:
+            raise error
+
+    async def call_group(self, deployments: Sequence[Deployment], body: dict, retries: int,
+                         deadline: float) -> ProxyError | None:
+        """Up to ``1 + retries`` attempts on one model group, each on the deployment the router
+        picks (one that has not failed in this call, while there is one). None once an attempt
+        answered the client (or the client left); else the error to fall back on or answer."""
+        router, failed = self.gw.router, set()
+        for retry in range(retries + 1):
+            try:
+                d = router.pick(deployments, failed)
+                await self.attempt(d, body, deadline)
+                return None
+            except NoDeploymentAvailable as exc:
+                return exc
+            except ProxyError as exc:
+                error = exc
+            if self.client_gone:
+                return None
+            router.failed(d, len(deployments), error)
+            failed.add(d.id)
+            if not is_retryable(error) or retry == retries:
+                return error
+            wait = router.retry_delay(retry, error, any(x.id not in failed for x in deployments))
+            if time.perf_counter() + wait >= deadline:
+                return error
+            log.info("call %s: retrying in %.2fs after: %s", self.ctx.call_id, wait, error.message)
+            if wait:
+                await asyncio.sleep(wait)
+            if self.client_gone:
+                return None
+            self.ctx.retries += 1
+        return error
+
+    async def attempt(self, d: Deployment, body: dict, deadline: float) -> None:
+        """One call to one deployment. Raises a ProxyError when it failed before anything
+        reached the client; after that, a failure ends the stream with an error event."""
+        self.ctx.deployment = d
         # The metrics label is the configured group (a wildcard's pattern, an alias's target),
         # never the requested name: made-up names under a wildcard must not create series.
+        self.ctx.model_group = d.model_name
+        if d.problem:
+            raise InvalidRequestError(d.problem, param="model")
+        provider = PROVIDERS[d.provider]
+        if "mock_response" in body or d.mock_response is not None:
+            provider = PROVIDERS["mock"]
+        self.set_model_headers(d)
+        endpoint, sent = self.translate(provider, body)
+        if provider.local:
+            self.answer_locally(provider, d, endpoint, sent)
+            return
+        router = self.gw.router
+        if router.tracks_in_flight:
+            router.counters.started(d.id)
+        try:
+            with naming_deployment(d, self.ctx.call_id):
+                if self.ctx.stream:
+                    await self.relay_stream(provider, d, endpoint, sent, deadline)
+                else:
+                    await self.relay(provider, d, endpoint, sent, deadline)
+        finally:
+            if router.tracks_in_flight:
+                router.counters.ended(d.id)
+        if router.tracks_latency or router.tracks_usage:
+            self.record_success(d)
+
+    def record_success(self, d: Deployment) -> None:
+        counters = self.gw.router.counters
+        if self.gw.router.tracks_latency:
+            counters.add_latency(d.id, self.ctx.first_token_s if self.ctx.stream else self.ctx.upstream_s)
+        if self.gw.router.tracks_usage:
+            counters.add_request(d.id)
+            counters.add_tokens(d.id, int((self.ctx.usage or {}).get("total_tokens") or 0))
+
+    def deployment_for(self, body: dict) -> Deployment:
+        """One deployment for a call that is made once (count_tokens)."""
+        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
+        d = self.gw.router.pick(self.gw.registry.resolve(body["model"]))
         self.ctx.model_group = d.model_name
         self.ctx.deployment = d
         if d.problem:
@@ -388,10 +507,14 @@ class LLMHandler(BaseHandler):
         self.set_header("x-litellm-response-duration-ms", f"{total_ms:.3f}")
         self.set_header("x-litellm-overhead-duration-ms", f"{max(total_ms - self.ctx.upstream_s * 1000, 0):.3f}")
 
-    def timeouts(self, d: Deployment) -> tuple[float, float | None]:
+    def timeouts(self, d: Deployment, deadline: float) -> tuple[float, float | None]:
+        """This attempt's timeout and time-to-first-byte limit, within what is left of the call's."""
         settings = self.gw.settings
-        timeout = d.timeout or settings.timeout
-        return timeout, (d.stream_timeout or settings.stream_timeout or timeout)
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise UpstreamTimeoutError(f"Timeout: no answer within router_settings.timeout ({settings.timeout:g}s)")
+        timeout = min(d.timeout or settings.timeout, left)
+        return timeout, min(d.stream_timeout or settings.stream_timeout or timeout, timeout)
 
     def answer_locally(self, provider: Provider, d: Deployment, endpoint: str, body: dict) -> None:
         if not self.ctx.stream:
@@ -407,10 +530,12 @@ class LLMHandler(BaseHandler):
         self.write(b"".join(self.output.event(c) for c in chunks) + self.output.end())
         self.finish()
 
-    async def relay(self, provider: Provider, d: Deployment, endpoint: str, body: dict) -> None:
+    async def relay(self, provider: Provider, d: Deployment, endpoint: str, body: dict, deadline: float) -> None:
         request = self.upstream_request(provider, d, endpoint, body, stream=False)
+        timeout = self.timeouts(d, deadline)[0]
         started = time.perf_counter()
-        reply = await self.gw.upstream.fetch(request, self.timeouts(d)[0])
+        self.transfer = Transfer()  # what on_connection_close aborts
+        reply = await self.gw.upstream.fetch(request, timeout, self.transfer)
         self.ctx.upstream_s = time.perf_counter() - started
         if not 200 <= reply.status < 300:
             raise d.scrubber.error(provider.parse_error(reply, d))
@@ -426,9 +551,12 @@ class LLMHandler(BaseHandler):
         self.set_header("X-Accel-Buffering", "no")
         self.set_duration_headers()
 
-    async def relay_stream(self, provider: Provider, d: Deployment, endpoint: str, body: dict) -> None:
+    async def relay_stream(self, provider: Provider, d: Deployment, endpoint: str, body: dict,
+                           deadline: float) -> None:
+        """Relay one streamed call. Nothing reaches the client before the first event is ready
+        to go (the head included): until then every failure raises, and may be retried."""
         request = self.upstream_request(provider, d, endpoint, body, stream=True)
-        timeout, first_byte_timeout = self.timeouts(d)
+        timeout, first_byte_timeout = self.timeouts(d, deadline)
         state = StreamState(include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
@@ -442,9 +570,6 @@ class LLMHandler(BaseHandler):
                 self.ctx.upstream_s = t.first_byte_at - t.started
                 if media_type(t.headers) not in provider.stream_media_types:
                     not_a_stream = True
-                    return
-                self.start_event_stream()
-                self.send(b"")
 
         def on_chunk(chunk: bytes) -> None:
             # runs in curl's streaming callback: it must not raise
@@ -462,6 +587,9 @@ class LLMHandler(BaseHandler):
             out = [render(data) for event in events if state.error is None
                    for data in provider.parse_event(endpoint, event.data, state)]
             if out:
+                if not self._headers_written:  # the first event: now the response is committed
+                    self.ctx.first_token_s = time.monotonic() - transfer.started
+                    self.start_event_stream()
                 self.send(b"".join(out))
             if state.error is not None:
                 stop(state.error)
@@ -497,6 +625,9 @@ class LLMHandler(BaseHandler):
                 raise d.scrubber.error(error)
             self.end_stream_with_error(d.scrubber.error(error))
             return
+        if not self._headers_written:
+            raise UpstreamError(f"{d.provider}/{d.model}: the provider ended the stream before sending any event.",
+                                status=502)
         self.send(self.output.end())
         self.finish()
 
@@ -537,6 +668,7 @@ class LLMHandler(BaseHandler):
         self.finish()
 
     def on_connection_close(self) -> None:
+        self.client_gone = True  # no further attempts
         if self.transfer is not None:
             self.gw.upstream.abort(self.transfer, "client")
         super().on_connection_close()
@@ -601,7 +733,7 @@ class MessagesCountTokensHandler(MessagesHandler):
         if self.endpoint in provider.passthrough_endpoints:
             self.output = PassThroughOutput
             with naming_deployment(d, self.ctx.call_id):
-                await self.relay(provider, d, self.endpoint, body)
+                await self.relay(provider, d, self.endpoint, body, self.ctx.started + self.gw.settings.timeout)
             return
         tokens = provider.count_tokens(d, to_openai_request(body))
         if tokens is None:

@@ -261,21 +261,28 @@ class Upstream:
                            connect_timeout=min(self.connect_timeout, timeout), request_timeout=timeout,
                            decompress_response=True, follow_redirects=False, **kwargs)
 
-    async def fetch(self, req: UpstreamRequest, timeout: float) -> UpstreamReply:
-        """A buffered call. Non-2xx replies are returned; transport failures raise ProxyErrors."""
+    async def fetch(self, req: UpstreamRequest, timeout: float, transfer: Transfer | None = None) -> UpstreamReply:
+        """A buffered call. Non-2xx replies are returned; transport failures raise ProxyErrors.
+        With a ``transfer``, ``abort(transfer, reason)`` stops the call (an UpstreamError 499)."""
         head = HeaderLines()
         # The stock header callback parses every line into HTTPHeaders as it arrives (~6% of a
         # worker's CPU); the lines are kept as they are instead, and parsed if something reads them.
         request = self._request(req, timeout,
                                 prepare_curl_callback=lambda curl: curl.setopt(pycurl.HEADERFUNCTION, head.add))
+        if transfer is not None:
+            transfer.request = request
         try:
             response = await self._client.fetch(request, raise_error=False)
         except CurlError as exc:
+            if transfer is not None and transfer.abort_reason is not None:
+                raise aborted(transfer) from None
             raise transport_error(exc.errno, timeout) from None
         except ValueError:
             raise unsendable() from None
         except HTTPClientError as exc:  # defensive: raise_error=False returns these as responses
             response = exc.response
+        if transfer is not None and transfer.abort_reason is not None:
+            raise aborted(transfer)  # aborted while still queued
         return UpstreamReply(response.code, head, response.body or b"")
 
     async def stream(self, req: UpstreamRequest, timeout: float, first_byte_timeout: float | None,
@@ -348,6 +355,10 @@ class Upstream:
         if transfer.abort_reason is None and transfer.request is not None:
             transfer.abort_reason = reason
             self._client.abort(transfer.request, f"aborted: {reason}")
+
+
+def aborted(transfer: Transfer) -> UpstreamError:
+    return UpstreamError(f"The call was aborted ({transfer.abort_reason}).", status=499)
 
 
 def unsendable() -> ProxyError:
