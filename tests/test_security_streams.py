@@ -362,3 +362,16 @@ async def test_an_embeddings_reply_without_data_is_a_502(gateway, fetch, fake_op
     fake_openai.raw_reply = RawReply(200, "application/json", (b'{"object": "list", "model": "x"}',))
     r = await fetch(gw, "/v1/embeddings", {"model": "m", "input": "hi"})
     assert r.code == 502 and "'data'" in error_of(r)["message"]
+
+
+async def test_a_stream_without_content_type_is_relayed(gateway, fetch, fake_openai):
+    """No Content-Type at all is not a declared non-stream: the events are parsed and relayed
+    (and anything that is not an event would still be refused by the parser)."""
+    chunk = orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                          "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]})
+    fake_openai.raw_reply = RawReply(200, None, (b"data: " + chunk + b"\n\n", b"data: [DONE]\n\n"))
+    gw = await gateway(provider_yaml(fake_openai, extra="router_settings:\n      num_retries: 0"))
+    r = await fetch(gw, "/v1/chat/completions", {"model": "gpt-fake", "stream": True,
+                                                 "messages": [{"role": "user", "content": "x"}]})
+    assert r.code == 200, r.body
+    assert b'"content":"hi"' in r.body and r.body.rstrip().endswith(b"data: [DONE]")

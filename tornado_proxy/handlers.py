@@ -568,7 +568,10 @@ class LLMHandler(BaseHandler):
             nonlocal not_a_stream
             if t.ok:
                 self.ctx.upstream_s = t.first_byte_at - t.started
-                if media_type(t.headers) not in provider.stream_media_types:
+                kind = media_type(t.headers)
+                # no Content-Type at all is given the benefit of the doubt (the parser still
+                # refuses what is not a stream); a declared other type is not a stream
+                if kind is not None and kind not in provider.stream_media_types:
                     not_a_stream = True
 
         def on_chunk(chunk: bytes) -> None:

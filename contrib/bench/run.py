@@ -116,6 +116,9 @@ def start_servers(plan: Plan, config: Path, logdir: Path, litellm_bin: Path | No
     return started
 
 
+ROUTER_CONCURRENCY = 64  # the router scenario runs at c=64 and is compared with instant c=64
+
+
 def request_body(model: str) -> bytes:
     """A typical small chat request: system + user message, a few parameters."""
     return (b'{"model":"' + model.encode() + b'","messages":[{"role":"system","content":"You are a '
@@ -143,6 +146,11 @@ def endpoints(workdir: Path, ups: dict[str, Upstream], running: list[servers.Ser
         for s in running:
             script = loadgen.write_script(workdir / f"{s.name}-{u.name}.lua", request_body(s.model_for(u)), s.key())
             result[(s.name, u.name)] = Endpoint(s.name, f"http://127.0.0.1:{s.port}{s.path_for(u)}", script, s)
+    for s in running:
+        if s.kind == "gateway":
+            script = loadgen.write_script(workdir / f"{s.name}-{servers.PAIR}.lua", request_body(servers.PAIR_MODEL),
+                                          s.key())
+            result[(s.name, servers.PAIR)] = Endpoint(s.name, f"http://127.0.0.1:{s.port}{CHAT_PATH}", script, s)
     return result
 
 
@@ -153,7 +161,7 @@ def own_cpu_seconds() -> float:
 
 
 def measure(endpoint: Endpoint, upstream: Upstream, nginx_pid: int, concurrency: int, duration_s: float,
-            round_no: int) -> report.Point:
+            round_no: int, label: str | None = None) -> report.Point:
     """One wrk run; also how busy the rest of the machine was meanwhile (shared-machine noise)."""
     received_before = upstream.received()
     server_pid = endpoint.server.pid if endpoint.server else None
@@ -164,7 +172,7 @@ def measure(endpoint: Endpoint, upstream: Upstream, nginx_pid: int, concurrency:
     known = (cpu or 0.0) + cpu_seconds(nginx_pid) - nginx_before + own_cpu_seconds() - own_before
     other = max(0.0, machine_busy_seconds() - busy_before - known) / load.duration_s if load.duration_s else 0.0
     received = settle(upstream, received_before + load.ok) - received_before
-    return report.Point(upstream.name, concurrency, endpoint.target, round_no, load, cpu, received, other)
+    return report.Point(label or upstream.name, concurrency, endpoint.target, round_no, load, cpu, received, other)
 
 
 def describe(p: report.Point) -> str:
@@ -185,7 +193,8 @@ def run_loads(plan: Plan, ups: dict[str, Upstream], nginx_pid: int, running: lis
     """Per round, upstream and concurrency: direct, then every server (order reversed in odd
     rounds), so direct and proxied runs share the machine's noise."""
     names = [s.name for s in running]
-    total = plan.rounds * 2 * len(plan.concurrency) * (1 + len(names))
+    gateways = [s.name for s in running if s.kind == "gateway"]
+    total = plan.rounds * (2 * len(plan.concurrency) * (1 + len(names)) + len(gateways))
     points = []
     for round_no in range(plan.rounds):
         order = names if round_no % 2 == 0 else names[::-1]
@@ -195,6 +204,10 @@ def run_loads(plan: Plan, ups: dict[str, Upstream], nginx_pid: int, running: lis
                     points.append(measure(ends[(target, upstream)], ups[upstream], nginx_pid, c, plan.duration_s,
                                           round_no))
                     print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
+        for target in (g for g in order if g in gateways):  # the router scenario, next to instant c=64
+            points.append(measure(ends[(target, servers.PAIR)], ups["instant"], nginx_pid, ROUTER_CONCURRENCY,
+                                  plan.duration_s, round_no, label=servers.PAIR))
+            print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
     return points
 
 

@@ -20,6 +20,8 @@ from upstreams import CHAT_PATH, Upstream
 MASTER_KEY = "sk-bench-master-0001"
 UPSTREAM_KEY = "sk-bench-upstream"
 MODEL_PREFIX = "bench-"  # model group "bench-instant" -> upstream "instant"
+PAIR = "pair"  # the router scenario's pseudo-upstream: a two-deployment group on "instant"
+PAIR_MODEL = MODEL_PREFIX + PAIR
 HERE = Path(__file__).resolve().parent
 DROPPED_ENV = ("DATABASE_URL", "STORE_MODEL_IN_DB", "CONFIG_FILE_PATH", "NUM_WORKERS",
                "LITELLM_MASTER_KEY", "OPENAI_API_KEY", "OPENAI_API_BASE", "OPENAI_BASE_URL")
@@ -56,7 +58,15 @@ def config_yaml(upstreams: dict[str, Upstream]) -> str:
                "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": u.base_url,
                                   "api_key": UPSTREAM_KEY}}
               for u in upstreams.values()]
-    return json.dumps({"model_list": models, "general_settings": {"master_key": MASTER_KEY}}, indent=2)
+    # the router scenario: one group of two deployments (both on the instant upstream, distinct
+    # ids), with retries on; no failures, so it measures what choosing between them costs
+    instant = upstreams["instant"]
+    models += [{"model_name": PAIR_MODEL,
+                "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": instant.base_url,
+                                   "api_key": UPSTREAM_KEY},
+                "model_info": {"id": f"pair-{n}"}} for n in (1, 2)]
+    return json.dumps({"model_list": models, "general_settings": {"master_key": MASTER_KEY},
+                       "router_settings": {"num_retries": 2}}, indent=2)
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:

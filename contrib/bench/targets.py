@@ -19,6 +19,7 @@ TTFT_OVERHEAD_MS = 1.0
 CPU_PER_1K = 0.5
 RSS_PER_WORKER_MB = 60.0
 SOAK_GROWTH = 0.05
+ROUTER_CPU_SHARE = 0.05  # issue 11: a two-deployment group with retries costs at most 5% more CPU
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,28 @@ def soak_checks(soak: dict[str, dict]) -> list[Check]:
             for name, s in soak.items()]
 
 
+def router_checks(rows: list[Row], workers: list[int]) -> list[Check]:
+    """Issue 11: a two-deployment group with num_retries 2 (no failures) within 5% of the CPU per
+    request of the single-deployment group, c=64."""
+    checks = []
+    for w in workers:
+        single, pair = find(rows, "instant", 64, f"gateway-w{w}"), find(rows, "pair", 64, f"gateway-w{w}")
+        name = f"w={w} c=64: two-deployment group CPU/req <= +{ROUTER_CPU_SHARE:.0%} of one deployment"
+        if not (single and pair and single.cpu_per_1k and pair.cpu_per_1k):
+            checks.append(Check(name, "not measured", "n/a"))
+            continue
+        extra = pair.cpu_per_1k / single.cpu_per_1k - 1
+        checks.append(Check(name, f"{pair.cpu_per_1k:.3f} vs {single.cpu_per_1k:.3f} s/1k ({extra:+.1%})",
+                            verdict(extra <= ROUTER_CPU_SHARE)))
+    return checks
+
+
 def evaluate(rows: list[Row], memory: list[MemoryReport], ttft: dict[str, dict], bursts: dict[str, dict],
              soak: dict[str, dict], workers: list[int]) -> list[Check]:
     return (throughput_checks(rows, workers) + feature_cost_checks(rows, workers) + latency_checks(rows, workers)
             + slow_upstream_checks(rows, workers) + streaming_checks(ttft, bursts, workers)
-            + resource_checks(rows, memory, workers) + error_checks(rows) + soak_checks(soak))
+            + resource_checks(rows, memory, workers) + error_checks(rows) + router_checks(rows, workers)
+            + soak_checks(soak))
 
 
 def checks_table(checks: list[Check]) -> str:

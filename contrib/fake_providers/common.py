@@ -21,7 +21,7 @@ class RawReply:
     an event that is not JSON, an endless line, an error event quoting the key."""
 
     status: int = 200
-    content_type: str = "text/event-stream"
+    content_type: str | None = "text/event-stream"  # None: no Content-Type header at all
     frames: tuple[bytes, ...] = ()  # written and flushed one by one
     hold_open: float = 0.0          # then keep the connection open this long (until the client leaves)
 
@@ -90,7 +90,10 @@ class FakeHandler(tornado.web.RequestHandler):
     async def send_raw(self, raw: RawReply) -> None:
         """Answer with ``raw``; a client that leaves before the end sets ``state.stream_aborted``."""
         self.set_status(raw.status)
-        self.set_header("content-type", raw.content_type)
+        if raw.content_type is None:
+            self.clear_header("Content-Type")
+        else:
+            self.set_header("content-type", raw.content_type)
         self.streaming = True
         for frame in raw.frames:
             if not await self.send_frame(frame, after_delay=False):
