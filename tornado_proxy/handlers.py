@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import orjson
 import tornado.web
 
-from .auth import authenticate, authorize
+from .auth import authenticate_request, authorize
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
                      RequestTooLargeError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError)
 from .providers import PROVIDERS
@@ -90,7 +90,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.gw.begin()
         self._in_flight = True
         try:
-            self.admit()
+            await self.admit()
         except ProxyError as error:
             if not self.drainable():
                 raise  # answered now, unread; write_error announces Connection: close
@@ -100,14 +100,15 @@ class BaseHandler(tornado.web.RequestHandler):
             self.request.connection.set_max_body_size(DRAIN_LIMIT)
             setattr(self, self.request.method.lower(), self.refuse)  # what Tornado calls once the body is in
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
         """Route, method, key and body limit, from the head alone."""
         if self.route is None:
             raise NotFoundError(f"Route not found: {self.request.method} {self.request.path}")
         if self.request.method not in self.route.methods:
             raise MethodNotAllowedError(f"Method {self.request.method} is not allowed on {self.request.path}.",
                                         headers={"Allow": ", ".join(sorted(self.route.methods))})
-        self.principal = authenticate(self.request.headers, self.auth_level, self.gw.settings.master_key)
+        self.principal = await authenticate_request(self.request.headers, self.auth_level,
+                                                    self.gw.settings.master_key, self.gw.tenants)
         authorize(self.principal, self.auth_level)
         limit = self.max_body_bytes
         self.request.connection.set_max_body_size(limit)  # a longer chunked body: 413, unread
@@ -365,6 +366,8 @@ class LLMHandler(BaseHandler):
 
     def deployment_for(self, body: dict) -> Deployment:
         self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
+        if self.principal is not None:  # a virtual key: its (and its team's) models only
+            self.principal.check_model(body["model"], self.gw.registry.aliases.get(body["model"]))
         d = self.gw.router.plan(self.gw.registry.resolve(body["model"]))[0]
         # The metrics label is the configured group (a wildcard's pattern, an alias's target),
         # never the requested name: made-up names under a wildcard must not create series.
