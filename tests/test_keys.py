@@ -154,7 +154,7 @@ async def test_expired_blocked_and_unknown_keys(gw, fetch):
     assert r.code == 401 and "Expired Key" in error_of(r)["message"]
     assert orjson.loads(r.body)["error"]["type"] == "expired_key"
     r = await fetch(gw, "/v1/models", key="sk-never-issued")
-    assert r.code == 401 and error_of(r)["type"] == "token_not_found_in_db"
+    assert r.code == 401 and error_of(r)["type"] == "auth_error"
     assert (await fetch(gw, "/key/unblock", body={"key": blocked})).code == 200
     assert (await fetch(gw, "/v1/models", key=blocked)).code == 200
     r = await fetch(gw, "/key/generate", body={"key": "no-prefix"})

@@ -186,6 +186,6 @@ def database_warnings(config: Config) -> list[str]:
     s = config.settings
     if s.database_url and not s.store_model_in_db:
         return ["database_url is set but store_model_in_db is off: the database is not used. This gateway "
-                "keeps only models in PostgreSQL (no virtual keys or spend logs yet); set "
-                "general_settings.store_model_in_db: true (or STORE_MODEL_IN_DB=true) to serve models from it."]
+                "keeps models and virtual keys in PostgreSQL only with database storage on; set "
+                "general_settings.store_model_in_db: true (or STORE_MODEL_IN_DB=true) to use it."]
     return []

@@ -147,7 +147,7 @@ async def authenticate_request(headers: Mapping[str, str], level: str, master_ke
     except DatabaseUnavailable:
         raise ServiceUnavailableError(KEY_STORE_DOWN) from None
     if principal is None:
-        raise AuthenticationError(INVALID, type="token_not_found_in_db")
+        raise AuthenticationError(INVALID)
     check_usable(principal)
     return principal
 

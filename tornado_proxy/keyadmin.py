@@ -92,8 +92,8 @@ class TenantAdminHandler(BaseHandler):
         try:
             result = await work(*args, **kwargs)
         except DatabaseUnavailable as exc:
-            raise ServiceUnavailableError(f"Database unavailable ({exc}); nothing was changed. Keys already "
-                                          "known keep working.") from None
+            raise ServiceUnavailableError(f"Database unavailable ({exc}); the change was not saved (nor anything "
+                                          "read). Keys already known keep working.") from None
         self.write_json(result)
 
     async def announce(self, *names: str) -> None:
