@@ -256,3 +256,24 @@ def test_sync_while_another_instance_holds_the_startup_lock(proxyctl, pg_dsn):
     result = proxyctl(["sync"], config)
     assert result.exit_code == 0, result.output
     assert set(table(pg_dsn)) == {"kept-id", "rotated-id", "dropped-id"}
+
+
+# --- keys --------------------------------------------------------------------------------------------------
+
+def test_keys_create_list_block_delete(proxyctl, pg_dsn, caplog):
+    created = proxyctl(["keys", "create", "--alias", "ops", "--model", "a", "--model", "b", "--max-budget", "3"],
+                       db_config(pg_dsn))
+    assert created.exit_code == 0, created.output
+    key = created.output.strip()
+    assert key.startswith("sk-")
+    listed = proxyctl(["keys", "list"], db_config(pg_dsn))
+    assert listed.exit_code == 0 and key not in listed.output
+    assert "alias=ops" in listed.output and f"sk-...{key[-4:]}" in listed.output and "active" in listed.output
+    assert proxyctl(["keys", "block", key], db_config(pg_dsn)).output.strip() == "blocked"
+    assert "BLOCKED" in proxyctl(["keys", "list"], db_config(pg_dsn)).output
+    assert proxyctl(["keys", "block", "--unblock", key], db_config(pg_dsn)).output.strip() == "unblocked"
+    assert proxyctl(["keys", "delete", key], db_config(pg_dsn)).output.strip() == "deleted"
+    gone = proxyctl(["keys", "delete", key], db_config(pg_dsn))
+    assert gone.exit_code != 0 and "no such key" in gone.output
+    assert proxyctl(["keys", "list"], db_config(pg_dsn)).output == ""
+    assert all(key not in r.getMessage() for r in caplog.records)

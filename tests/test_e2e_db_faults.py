@@ -308,3 +308,24 @@ def test_require_db_with_the_database_up_serves(serve, fault_db):
     status, _, body = request(served.port, "GET", "/health/readiness", key=None)
     assert status == 200 and json.loads(body)["db"] == "connected"
     assert terminate(served) == 0
+
+
+async def test_known_keys_keep_working_while_postgres_is_down(cluster, fault_db, gateway, fetch):
+    gw = await gateway(config(fault_db))
+    resp = await fetch(gw, "/key/generate", {"models": ["yaml-model"]})
+    assert resp.code == 200, resp.body
+    key = orjson.loads(resp.body)["key"]
+    assert (await fetch(gw, "/v1/chat/completions", {"model": "yaml-model", "messages": HELLO}, key=key)).code == 200
+    await asyncio.to_thread(cluster.stop)
+    await wait_db(fetch, gw, "disconnected")
+    resp = await fetch(gw, "/v1/chat/completions", {"model": "yaml-model", "messages": HELLO}, key=key)
+    assert resp.code == 200, resp.body
+    resp = await fetch(gw, "/v1/models", key="sk-never-seen-before")
+    assert resp.code == 503 and "key store is unavailable" in error_of(resp)["message"]
+    expect_503(await fetch(gw, "/key/generate", {}))
+    await asyncio.to_thread(cluster.start)
+    await wait_db(fetch, gw, "connected", timeout=30)
+
+    async def unknown_is_401() -> bool:
+        return (await fetch(gw, "/v1/models", key="sk-never-seen-before")).code == 401
+    await until(unknown_is_401, what="an unknown key to be refused as unknown again")

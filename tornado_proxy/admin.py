@@ -23,14 +23,14 @@ def model_object(name: str) -> dict:
 
 class ModelsHandler(BaseHandler):
     def get(self) -> None:
-        names = self.gw.registry.model_names()
+        names = [n for n in self.gw.registry.model_names() if self.principal is None or self.principal.may_use(n)]
         self.write_json({"data": [model_object(n) for n in names], "object": "list"})
 
 
 class ModelHandler(BaseHandler):
     def get(self, model_id: str) -> None:
         registry = self.gw.registry
-        if model_id not in registry.model_names():
+        if model_id not in registry.model_names() or (self.principal is not None and not self.principal.may_use(model_id)):
             raise NotFoundError(f"The model '{model_id}' does not exist", param="model")
         self.write_json(model_object(model_id))
 

@@ -9,7 +9,7 @@ import secrets
 
 import tornado.web
 
-from . import admin, handlers, routes
+from . import admin, handlers, keyadmin, routes
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .handlers import CallContext
@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .registry import Registry, build_registry
 from .router import Router, RouterSettings, with_settings
 from .schemas import Schemas
+from .tenants import Tenants
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_tim
                 "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
                 "embedded_db_dir", "max_request_size_mb")
 
-HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS}
+HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS}
 
 
 class Gateway:
@@ -37,6 +38,8 @@ class Gateway:
         self.settings = config.settings
         self.schemas = Schemas(resource_dir("schemas"))
         self.catalog = Catalog(config, generation)
+        # virtual keys live in the same database as the models, on the same pool
+        self.tenants = Tenants(self.catalog.store.db if self.catalog.store is not None else None, self.settings)
         self.router = Router(RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.metrics = metrics or Metrics()
         self.upstream: Upstream | None = None
@@ -57,10 +60,12 @@ class Gateway:
         """Create what needs the running event loop; connect the database (if configured)."""
         self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout)
         await self.catalog.start(require_db)
+        await self.tenants.start()
         self.health.start(self)
 
     async def stop(self) -> None:
         await self.health.stop()
+        await self.tenants.stop()
         await self.catalog.stop()
         if self.upstream is not None:
             self.upstream.close()
@@ -78,6 +83,7 @@ class Gateway:
         self.config = keep_restart_only(config, self.settings)
         self.settings = self.config.settings
         self.router = router
+        self.tenants.settings = self.settings
         if self.app is not None:
             swap_rules(self.app, rules)
         await self.catalog.reload(self.config, generation)
@@ -183,6 +189,6 @@ def database_warnings(config: Config) -> list[str]:
     s = config.settings
     if s.database_url and not s.store_model_in_db:
         return ["database_url is set but store_model_in_db is off: the database is not used. This gateway "
-                "keeps only models in PostgreSQL (no virtual keys or spend logs yet); set "
-                "general_settings.store_model_in_db: true (or STORE_MODEL_IN_DB=true) to serve models from it."]
+                "keeps models and virtual keys in PostgreSQL only with database storage on; set "
+                "general_settings.store_model_in_db: true (or STORE_MODEL_IN_DB=true) to use it."]
     return []

@@ -275,6 +275,107 @@ def run_with_database(config: Config, work, need_cipher: bool = True):
             embedded.stop()
 
 
+@cli.group()
+def keys() -> None:
+    """Virtual keys in the database (the same rows as the /key/* API)."""
+
+
+def run_with_tenants(config_path: str, work):
+    """Run ``work(TenantStore)`` on the configured database, migrated first."""
+    config = load_or_exit(config_path)
+
+    async def with_store(store):
+        from .config import resource_dir
+        from .keystore import TenantStore
+
+        async with store.db.startup_lock():
+            await store.db.migrate(resource_dir("sql"))
+        return await work(TenantStore(store.db))
+
+    return run_with_database(config, with_store, need_cipher=False)
+
+
+@keys.command("create")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml")
+@click.option("--alias", "key_alias", default=None, help="key_alias (unique).")
+@click.option("--team", "team_id", default=None, help="team_id the key belongs to.")
+@click.option("--user", "user_id", default=None, help="user_id the key belongs to.")
+@click.option("--model", "models", multiple=True, help="A model the key may use (repeat); none: every model.")
+@click.option("--max-budget", type=float, default=None, help="max_budget in USD.")
+@click.option("--duration", default=None, help="Lifetime: 30s, 1h, 30d, ...")
+def keys_create(config_path, key_alias, team_id, user_id, models, max_budget, duration) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    from .keystore import KEYS, USERS, hash_key, masked, new_key, now, parse_duration
+
+    try:
+        expires = now() + parse_duration(duration) if duration else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
+    text = new_key()
+
+    async def create(store):
+        if user_id:
+            await store.insert(USERS, {"user_id": user_id})
+        try:
+            return await store.insert(KEYS, {"token": hash_key(text), "key_name": masked(text), "key_alias": key_alias,
+                                             "team_id": team_id, "user_id": user_id, "models": list(models),
+                                             "max_budget": max_budget, "expires": expires})
+        except LookupError:
+            raise click.ClickException(f"no team {team_id}") from None
+
+    if run_with_tenants(config_path, create) is None:
+        raise click.ClickException(f"a key with alias {key_alias} already exists")
+    click.echo(text)
+
+
+@keys.command("list")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml")
+def keys_list(config_path) -> None:
+    """One line per key: hash, masked key, alias, team, user, spend, blocked."""
+    from .keystore import KEYS
+
+    async def listing(store):
+        return await store.all(KEYS)
+
+    for k in run_with_tenants(config_path, listing):
+        click.echo(f"{k.token}  {k.key_name}  alias={k.key_alias or '-'}  team={k.team_id or '-'}  "
+                   f"user={k.user_id or '-'}  spend={k.spend:g}  {'BLOCKED' if k.blocked else 'active'}")
+
+
+def change_key(config_path: str, key: str, work) -> None:
+    from .keystore import token_of
+
+    async def change(store):
+        return await work(store, token_of(key))
+
+    if not run_with_tenants(config_path, change):
+        raise click.ClickException("no such key")
+
+
+@keys.command("block")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml")
+@click.option("--unblock", is_flag=True, help="Unblock instead.")
+@click.argument("key")
+def keys_block(config_path, unblock, key) -> None:
+    """Block (or --unblock) a key, given as the key or its hash. Every gateway stops (or
+    resumes) accepting it within about a second."""
+    from .keystore import KEYS
+
+    change_key(config_path, key, lambda store, token: store.update(KEYS, token, {"blocked": not unblock}))
+    click.echo("unblocked" if unblock else "blocked")
+
+
+@keys.command("delete")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml")
+@click.argument("key")
+def keys_delete(config_path, key) -> None:
+    """Delete a key, given as the key or its hash."""
+    from .keystore import KEYS
+
+    change_key(config_path, key, lambda store, token: store.delete(KEYS, [token]))
+    click.echo("deleted")
+
+
 @cli.command()
 @click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml",
               help=CONFIG_HELP)

@@ -169,6 +169,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_check_timeout", "general_settings", "HEALTH_CHECK_TIMEOUT_SECONDS", 5.0, float,
             "Seconds one health-check probe may take (a deployment's `model_info.health_check_timeout` "
             "wins); slower counts as unhealthy.", minimum=0, above=True),
+    Setting("allow_requests_on_db_unavailable", "general_settings", None, True, bool,
+            "While PostgreSQL is unreachable, virtual keys this worker already knows keep working from its "
+            "memory (off: every virtual key gets a 503 until the database answers; the master key always works). "
+            "A key it has never seen gets a 503 saying the key store is unavailable."),
+    Setting("user_api_key_cache_ttl", "general_settings", None, 60.0, float,
+            "Seconds between full re-reads of keys, teams and users (LISTEN/NOTIFY brings each change at once).",
+            minimum=0, above=True),
+    Setting("invalid_key_cache_ttl", "general_settings", None, 5.0, float,
+            "Seconds an unknown key is remembered as unknown, so a flood of bad keys costs one database "
+            "lookup per key and this period.", minimum=0),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -196,6 +206,9 @@ class Settings:
     database_connection_pool_limit: int = 10
     database_connection_timeout: float = 5.0
     model_refresh_interval: float = 30.0
+    allow_requests_on_db_unavailable: bool = True
+    user_api_key_cache_ttl: float = 60.0
+    invalid_key_cache_ttl: float = 5.0
     embedded_db_dir: str = "var/pgdata"
     max_request_size_mb: float = 16.0
     upstream_max_connections: int = 1000

@@ -209,15 +209,15 @@ class Database:
             if ids:
                 await cur.execute("DELETE FROM proxy_models WHERE source = 'yaml' AND id = ANY(%s)", (ids,))
 
-    async def listen(self) -> aiopg.Connection:
-        """A dedicated connection LISTENing on the change channel (``conn.notifies`` is a queue)."""
+    async def listen(self, channel: str = CHANNEL) -> aiopg.Connection:
+        """A dedicated connection LISTENing on a change channel (``conn.notifies`` is a queue)."""
         try:
             conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
         except UNREACHABLE as exc:
             raise DatabaseUnavailable(describe(exc)) from None
         try:
             async with conn.cursor() as cur:
-                await cur.execute(f"LISTEN {CHANNEL}")
+                await cur.execute(f"LISTEN {channel}")
             return conn
         except BaseException as exc:
             conn.close()
@@ -238,6 +238,27 @@ class Database:
             if conn.closed:
                 raise DatabaseUnavailable("the listening connection was closed") from None
             return False
+
+
+    @staticmethod
+    async def notifications(conn: aiopg.Connection, timeout: float) -> set[str]:
+        """The payloads of the notifications that came on a ``listen()`` connection within
+        ``timeout`` (a burst is taken whole); DatabaseUnavailable once the connection is lost."""
+        try:
+            first = await asyncio.wait_for(conn.notifies.get(), timeout)
+        except psycopg2.Error as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        except asyncio.TimeoutError:
+            if conn.closed:
+                raise DatabaseUnavailable("the listening connection was closed") from None
+            return set()
+        payloads = {first.payload}
+        try:
+            while not conn.notifies.empty():
+                payloads.add(conn.notifies.get_nowait().payload)
+        except psycopg2.Error as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        return payloads
 
 
 def describe(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from typing import Sequence
 import orjson
 import tornado.web
 
-from .auth import authenticate, authorize
+from .auth import authenticate_request, authorize
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
                      RequestTooLargeError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError)
 from .providers import PROVIDERS
@@ -98,7 +98,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.gw.begin()
         self._in_flight = True
         try:
-            self.admit()
+            await self.admit()
         except ProxyError as error:
             if not self.drainable():
                 raise  # answered now, unread; write_error announces Connection: close
@@ -108,14 +108,15 @@ class BaseHandler(tornado.web.RequestHandler):
             self.request.connection.set_max_body_size(DRAIN_LIMIT)
             setattr(self, self.request.method.lower(), self.refuse)  # what Tornado calls once the body is in
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
         """Route, method, key and body limit, from the head alone."""
         if self.route is None:
             raise NotFoundError(f"Route not found: {self.request.method} {self.request.path}")
         if self.request.method not in self.route.methods:
             raise MethodNotAllowedError(f"Method {self.request.method} is not allowed on {self.request.path}.",
                                         headers={"Allow": ", ".join(sorted(self.route.methods))})
-        self.principal = authenticate(self.request.headers, self.auth_level, self.gw.settings.master_key)
+        self.principal = await authenticate_request(self.request.headers, self.auth_level,
+                                                    self.gw.settings.master_key, self.gw.tenants)
         authorize(self.principal, self.auth_level)
         limit = self.max_body_bytes
         self.request.connection.set_max_body_size(limit)  # a longer chunked body: 413, unread
@@ -376,7 +377,7 @@ class LLMHandler(BaseHandler):
 
     async def post(self, **_path) -> None:
         body = self.json_body()
-        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
+        self.check_model(body["model"])
         self.ctx.stream = self.streams and bool(body.get("stream"))
         if self.gw.settings.drop_params and "drop_params" not in body:
             body["drop_params"] = True  # litellm_settings.drop_params: for every request
@@ -483,9 +484,16 @@ class LLMHandler(BaseHandler):
             counters.add_request(d.id)
             counters.add_tokens(d.id, int((self.ctx.usage or {}).get("total_tokens") or 0))
 
+    def check_model(self, name: str) -> None:
+        """The requested name, before it is used anywhere: well-formed, and one the caller's key
+        (and its team) may use."""
+        self.ctx.requested_model = check_model_name(name)
+        if self.principal is not None:
+            self.principal.check_model(name, self.gw.registry.aliases.get(name))
+
     def deployment_for(self, body: dict) -> Deployment:
         """One deployment for a call that is made once (count_tokens)."""
-        self.ctx.requested_model = check_model_name(body["model"])  # before the name is used anywhere
+        self.check_model(body["model"])
         d = self.gw.router.pick(self.gw.registry.resolve(body["model"]))
         self.ctx.model_group = d.model_name
         self.ctx.deployment = d

@@ -1,0 +1,208 @@
+"""The per-worker memory of virtual keys, teams and users: what authentication reads on every
+request, so no request waits on PostgreSQL for its key.
+
+Loaded whole at start, kept current by LISTEN/NOTIFY (each notification names the changed key,
+team or user, and only that row is re-read) and by a full re-read every
+``user_api_key_cache_ttl`` seconds. A key that is not in memory (created a moment ago on
+another instance) is looked up once and remembered, found or not: unknown keys are remembered
+for ``invalid_key_cache_ttl`` seconds, and concurrent lookups are coalesced and bounded, so a
+flood of bad keys costs PostgreSQL a handful of queries. Spend columns are not announced
+(see sql/0002_tenants.sql); spend reaches this memory by ``add_spend`` (this worker's own
+requests) and the periodic re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from .auth import Principal
+from .errors import DatabaseUnavailable
+from .keystore import CHANNEL, KEYS, TEAMS, USERS, KeyRecord, TeamRecord, TenantStore, UserRecord
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .db import Database
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MAX = 10.0
+LISTEN_POLL = 1.0
+NEGATIVE_MAX = 10_000  # unknown keys remembered at most (oldest forgotten first)
+CONCURRENT_LOOKUPS = 4  # per worker: the most database lookups of unknown keys at once
+
+
+class Tenants:
+    def __init__(self, db: Database | None, settings: Settings):
+        self.store = TenantStore(db) if db is not None else None
+        self.settings = settings
+        self.keys: dict[str, KeyRecord] = {}
+        self.teams: dict[str, TeamRecord] = {}
+        self.users: dict[str, UserRecord] = {}
+        self.unknown: OrderedDict[str, float] = OrderedDict()  # token -> when to forget it
+        self.connected = False
+        self.loaded = False
+        self.db_lookups = 0  # unknown keys looked up in the database (a counter for tests/metrics)
+        self._pending: dict[str, asyncio.Future] = {}
+        self._lookups: asyncio.Semaphore | None = None
+        self._watcher: asyncio.Task | None = None
+
+    # -- the request path ------------------------------------------------------------------
+
+    async def principal(self, token: str) -> Principal | None:
+        """The caller with this key hash; None: no such key. DatabaseUnavailable: unknown here
+        and the database cannot say (or the database is down and known keys are not to be trusted)."""
+        if not self.connected and self.loaded and not self.settings.allow_requests_on_db_unavailable:
+            raise DatabaseUnavailable("key store disconnected")
+        key = self.keys.get(token)
+        if key is None:
+            key = await self.lookup(token)
+            if key is None:
+                return None
+        return Principal("key", key, self.teams.get(key.team_id) if key.team_id else None,
+                         self.users.get(key.user_id) if key.user_id else None)
+
+    async def lookup(self, token: str) -> KeyRecord | None:
+        forget_at = self.unknown.get(token)
+        if forget_at is not None:
+            if forget_at > time.monotonic():
+                return None
+            del self.unknown[token]
+        pending = self._pending.get(token)
+        if pending is None:
+            pending = self._pending[token] = asyncio.ensure_future(self._fetch(token))
+            pending.add_done_callback(lambda _f: self._pending.pop(token, None))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, token: str) -> KeyRecord | None:
+        if self._lookups is None:
+            self._lookups = asyncio.Semaphore(CONCURRENT_LOOKUPS)
+        async with self._lookups:
+            if token in self.keys:
+                return self.keys[token]
+            self.db_lookups += 1
+            key = await self.store.get(KEYS, token)
+            if key is None:
+                self.unknown[token] = time.monotonic() + self.settings.invalid_key_cache_ttl
+                while len(self.unknown) > NEGATIVE_MAX:
+                    self.unknown.popitem(last=False)
+                return None
+            await self._load_owners(key)
+            self.keys[token] = key
+            return key
+
+    async def _load_owners(self, key: KeyRecord) -> None:
+        if key.team_id and key.team_id not in self.teams:
+            team = await self.store.get(TEAMS, key.team_id)
+            if team is not None:
+                self.teams[team.team_id] = team
+        if key.user_id and key.user_id not in self.users:
+            user = await self.store.get(USERS, key.user_id)
+            if user is not None:
+                self.users[user.user_id] = user
+
+    # -- keeping the memory current ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.refresh()
+        except Exception as exc:  # down, or not migrated yet: the watcher keeps trying
+            self._lost(exc)
+        self._watcher = asyncio.create_task(self.watch())
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            while not self._watcher.done():  # see Catalog.stop: one cancel can be lost
+                self._watcher.cancel()
+                await asyncio.wait({self._watcher}, timeout=0.5)
+
+    async def refresh(self) -> None:
+        """Re-read every key, team and user; replace the memory whole."""
+        teams = {t.team_id: t for t in await self.store.all(TEAMS)}
+        users = {u.user_id: u for u in await self.store.all(USERS)}
+        keys = {k.token: k for k in await self.store.all(KEYS)}
+        self.teams, self.users, self.keys = teams, users, keys
+        self.unknown.clear()
+        self.loaded = True
+        self._connected()
+
+    async def reload(self, names: set[str]) -> None:
+        """Re-read the rows named by notifications (``key:<token>``, ``team:<id>``, ``user:<id>``)."""
+        wanted = {"key": set(), "team": set(), "user": set()}
+        for name in names:
+            kind, _, ident = name.partition(":")
+            if kind in wanted and ident:
+                wanted[kind].add(ident)
+        for kind, table, memory in (("team", TEAMS, self.teams), ("user", USERS, self.users),
+                                    ("key", KEYS, self.keys)):
+            if not wanted[kind]:
+                continue
+            found = {getattr(r, table.pk): r for r in await self.store.get_many(table, wanted[kind])}
+            for ident in wanted[kind]:
+                if ident in found:
+                    memory[ident] = found[ident]
+                else:
+                    memory.pop(ident, None)
+                if kind == "key":
+                    self.unknown.pop(ident, None)
+
+    def add_spend(self, principal: Principal, cost: float, model: str | None) -> None:
+        """This worker's own spend, seen at once by its next requests' budget checks (other
+        workers' spend arrives with the periodic re-read)."""
+        if cost <= 0 or principal.key is None:
+            return
+        from dataclasses import replace
+
+        for memory, ident in ((self.keys, principal.key.token),
+                              (self.teams, principal.key.team_id), (self.users, principal.key.user_id)):
+            record = memory.get(ident) if ident else None
+            if record is not None:
+                model_spend = dict(record.model_spend or {})
+                if model:
+                    model_spend[model] = model_spend.get(model, 0.0) + cost
+                memory[ident] = replace(record, spend=record.spend + cost, model_spend=model_spend)
+
+    def _connected(self) -> None:
+        if not self.connected:
+            log.info("key store connected")
+        self.connected = True
+
+    def _lost(self, exc: Exception) -> None:
+        if self.connected or not self.loaded:
+            log.warning("key store unavailable (%s): known keys are served from memory", exc)
+        self.connected = False
+
+    async def watch(self) -> None:
+        backoff = 0.5
+        while True:
+            conn = None
+            try:
+                conn = await self.store.db.listen(CHANNEL)
+                await self.refresh()  # whatever changed while nobody listened
+                backoff = 0.5
+                await self._listen(conn)
+            except DatabaseUnavailable as exc:
+                self._lost(exc)
+            except Exception as exc:  # not migrated yet, or a bug: keep trying, never die
+                log.warning("key store watcher: %s", type(exc).__name__)
+                self._lost(exc)
+            finally:
+                if conn is not None:
+                    conn.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _listen(self, conn) -> None:
+        next_full = time.monotonic() + self.settings.user_api_key_cache_ttl
+        while True:
+            names = await self.store.db.notifications(conn, LISTEN_POLL)
+            if names:
+                await self.reload(names)
+            if time.monotonic() >= next_full:
+                await self.refresh()
+                next_full = time.monotonic() + self.settings.user_api_key_cache_ttl
