@@ -331,3 +331,27 @@ def test_redis_settings_as_litellm_names_them(tmp_path):
              environ={"REDIS_URL": "redis://:pw@r:6379/1"}).settings
     assert s.redis_url.reveal() == "redis://:pw@r:6379/1" and repr(s.redis_url) == "***"
     assert redis_client(Settings()) is None
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+async def test_gateway_limiter_uses_the_supervisors_table_or_its_own(tmp_path, redis_url):
+    from tornado_proxy.app import Gateway
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model_list: []\n")
+    alone = Gateway(load(path, environ={}))
+    assert alone.limiter.redis is None and alone.limiter.worker == 0
+    shared = LimitTable(slots=64, workers=4)
+    path.write_text(f"model_list: []\nrouter_settings: {{redis_url: {redis_url}}}\n")
+    worker = Gateway(load(path, environ={}), limits=shared, worker=3)
+    try:
+        assert worker.limiter.table is shared and worker.limiter.worker == 3
+        admission = await worker.limiter.admit([key(rpm=5, id=uuid.uuid4().hex)])
+        assert admission.token is not None  # counted in Redis
+        worker.limiter.finish(admission, 1)
+    finally:
+        for gw in (alone, worker):
+            await gw.limiter.close()
+        alone.limiter.table.close()
+        shared.close()
