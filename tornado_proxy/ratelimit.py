@@ -19,10 +19,12 @@ import hashlib
 import logging
 import math
 import mmap
+import os
 import struct
 import tempfile
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Sequence
@@ -108,13 +110,14 @@ class LimitTable:
         self.slot_size = HEAD.size + COUNT.size * workers
         self.mem = mmap.mmap(-1, slots * self.slot_size)  # anonymous, MAP_SHARED: shared by fork
         # fcntl locks die with their process: a worker killed inside admit cannot wedge the rest
-        self.lock_file = tempfile.TemporaryFile()
-        self.lock_fd = self.lock_file.fileno()
+        self.lock_fd, lock_path = tempfile.mkstemp(prefix="tornado-proxy-limits-")
+        os.unlink(lock_path)
         self.full_logged = -TABLE_FULL_LOG_EVERY
+        # a table nobody closes (a Gateway that was never stopped) still gives its fd back
+        self.closer = weakref.finalize(self, release_table, self.mem, self.lock_fd)
 
     def close(self) -> None:
-        self.mem.close()
-        self.lock_file.close()
+        self.closer()
 
     def admit(self, scopes: Sequence[LimitScope], now: float, worker: int) -> tuple[tuple, list[Usage]]:
         """Count one request for every limited scope, or for none if any scope refuses (then
@@ -240,6 +243,11 @@ class LimitTable:
             log.warning("rate-limit table full (%d slots): %s %s is not limited for this request; "
                         "more scopes are active this minute than the table holds", self.slots,
                         DESCRIPTOR[scope.kind], scope.id)
+
+
+def release_table(mem: mmap.mmap, fd: int) -> None:
+    mem.close()
+    os.close(fd)
 
 
 def over_limit(scope: LimitScope, requests: int, tokens: int, parallel: int) -> str | None:
