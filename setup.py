@@ -37,6 +37,7 @@ setup(
         "prometheus_client>=0.20",
         "fastjsonschema>=2.19",
         "cryptography>=42",
+        "redis>=5",  # rate limits shared across instances (ratelimit.py), as LiteLLM shares them
     ],
     extras_require={
         "test": [

@@ -8,8 +8,10 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tornado.netutil import bind_sockets
 
 import psycopg2
 import psycopg2.extensions
+import redis
 
 from contrib.fake_providers import anthropic as anthropic_fake
 from contrib.fake_providers import gemini as gemini_fake
@@ -112,6 +115,39 @@ def empty_pg_dsn(pg_server):
     admin_sql(pg_server, f"CREATE DATABASE {name}")
     yield psycopg2.extensions.make_dsn(pg_server, dbname=name)
     admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis: the one on 127.0.0.1:6379, else a throwaway ``redis-server`` on a free port."""
+    def answers(url: str) -> bool:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    if answers("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    sock = bind_sockets(0, "127.0.0.1")[0]
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            if answers(url) or server.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert answers(url), "redis-server did not start"
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.fixture

@@ -348,7 +348,7 @@ def test_unknown_keys_are_kept_and_listed_never_fatal(write):
     assert set(config.ignored) == {
         "some_future_section",
         "general_settings.alerting", "general_settings.proxy_batch_write_at",
-        "router_settings.redis_host", "litellm_settings.success_callback",
+        "litellm_settings.success_callback",
     }
     assert config.general_settings["alerting"] == ["slack"]
     assert config.litellm_settings["drop_params"] is True

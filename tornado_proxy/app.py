@@ -15,6 +15,7 @@ from .config import Config, ConfigError, Secret, Settings, describe_ignored, res
 from .handlers import CallContext
 from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
+from .ratelimit import LimitTable, RateLimiter, redis_client
 from .registry import Registry, build_registry
 from .router import Router, RouterSettings, with_settings
 from .schemas import Schemas
@@ -26,14 +27,14 @@ log = logging.getLogger(__name__)
 # Settings that size the process: a reload keeps the running values.
 RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_timeout", "database_url",
                 "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
-                "embedded_db_dir", "max_request_size_mb")
+                "embedded_db_dir", "max_request_size_mb", "redis_host", "redis_port", "redis_password", "redis_url")
 
 HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS}
 
 
 class Gateway:
     def __init__(self, config: Config, metrics: Metrics | None = None, generation: int = 1,
-                 health: HealthMonitor | None = None):
+                 health: HealthMonitor | None = None, limits: LimitTable | None = None, worker: int = 0):
         self.config = config
         self.settings = config.settings
         self.schemas = Schemas(resource_dir("schemas"))
@@ -47,6 +48,9 @@ class Gateway:
         self.in_flight = 0
         # alone, this worker checks models itself; under ``serve``, worker 0 checks for all
         self.health = health or HealthMonitor(MemoryReports(), runs_checks=True)
+        # under ``serve`` the supervisor's table, shared by all workers; alone, a table of its own
+        self.own_limits = limits is None
+        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis_client(self.settings))
 
     @property
     def registry(self) -> Registry:
@@ -66,6 +70,9 @@ class Gateway:
     async def stop(self) -> None:
         await self.health.stop()
         await self.tenants.stop()
+        await self.limiter.close()
+        if self.own_limits:
+            self.limiter.table.close()
         await self.catalog.stop()
         if self.upstream is not None:
             self.upstream.close()

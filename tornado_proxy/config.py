@@ -191,6 +191,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_timeout", "router_settings", None, None, float,
             "Default seconds to the first streamed byte when a deployment sets none.", minimum=0,
             above=True),
+    Setting("redis_host", "router_settings", "REDIS_HOST", None, str,
+            "Redis shared by every instance: rate limits (rpm, tpm, parallel requests) count across "
+            "instances. Unset: each instance counts on its own (exactly, across its workers)."),
+    Setting("redis_port", "router_settings", "REDIS_PORT", 6379, int, "Port of `redis_host`.", minimum=1),
+    Setting("redis_password", "router_settings", "REDIS_PASSWORD", None, str, "Password of `redis_host`.", True),
+    Setting("redis_url", "router_settings", "REDIS_URL", None, str,
+            "`redis://[:password@]host:port/db` (`rediss://` for TLS); wins over redis_host/port/password.", True),
 )
 SETTINGS_SECTIONS = ("general_settings", "router_settings", "litellm_settings")
 KNOWN_SECTIONS = ("routes", "model_list", "general_settings", "router_settings",
@@ -225,6 +232,10 @@ class Settings:
     log_level: str = "INFO"
     timeout: float = 600.0
     stream_timeout: float | None = None
+    redis_host: str | None = None
+    redis_port: int = 6379
+    redis_password: Secret | None = None
+    redis_url: Secret | None = None
 
 
 @dataclass(frozen=True)
@@ -486,9 +497,6 @@ UNSUPPORTED: Mapping[str, str] = {
     "general_settings.global_max_parallel_requests": "no limit on parallel requests",
     "router_settings.retry_policy": "per-error retry counts are not read: num_retries applies to every "
                                     "retryable error (408, 429, 5xx, timeouts, connection errors)",
-    "router_settings.redis_host": "no Redis: rpm/tpm and cooldowns are not shared between instances",
-    "router_settings.redis_port": "no Redis: rpm/tpm and cooldowns are not shared between instances",
-    "router_settings.redis_password": "no Redis: rpm/tpm and cooldowns are not shared between instances",
     "router_settings.cache_responses": "responses are not cached",
     "router_settings.enable_pre_call_checks": "no context-window pre-call checks",
     "router_settings.model_group_retry_policy": "per-group retry policies are not read: num_retries applies",

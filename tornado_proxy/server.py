@@ -32,6 +32,7 @@ from .errors import DatabaseUnavailable
 from .embedded import EmbeddedPostgres
 from .health import HealthMonitor, MemoryReports, ReportFile, reports_path
 from .httpserver import HEADER_READ_CAP, GatewayHTTPServer
+from .ratelimit import LimitTable
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,16 @@ RESTART_WINDOW = 10.0  # seconds; too many deaths in this window means a crash l
 async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio.Event | None = None,
                      ready: asyncio.Event | None = None, announce: bool = True,
                      handle_signals: bool = True, generation: int = 1,
-                     state_path: Path | None = None, index: int = 0) -> None:
+                     state_path: Path | None = None, index: int = 0,
+                     limits_table: LimitTable | None = None) -> None:
     """One worker: build the gateway, serve on ``sockets`` until ``stop`` (or a signal), drain.
 
     SIGHUP re-reads the config the supervisor has just validated (see ``StateFile``). Worker 0
-    runs the background health checks for every worker of the instance."""
+    runs the background health checks for every worker of the instance. ``limits_table``: the
+    rate-limit counts shared by all workers (made by ``serve`` before forking)."""
     stop = stop or asyncio.Event()
-    gw = Gateway(config, generation=generation, health=health_monitor(state_path, index))
+    gw = Gateway(config, generation=generation, health=health_monitor(state_path, index),
+                 limits=limits_table, worker=index)
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,8 +165,9 @@ def serve(config: Config, options: ServeOptions) -> int:
         state_path = pid_file.with_suffix(".state")
         health_reports = ReportFile(reports_path(state_path))
         health_reports.remove()  # a previous run's results are not this one's
+        limits = LimitTable(workers=options.workers)  # before forking: every worker counts in it
         try:
-            return Supervisor(config, sockets, options.workers, StateFile(state_path)).run()
+            return Supervisor(config, sockets, options.workers, StateFile(state_path), limits).run()
         finally:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
             pid_file.unlink(missing_ok=True)
@@ -225,8 +230,10 @@ def database_reachable(config: Config) -> bool:
 
 
 class Supervisor:
-    def __init__(self, config: Config, sockets: list[socket.socket], workers: int, state: StateFile):
+    def __init__(self, config: Config, sockets: list[socket.socket], workers: int, state: StateFile,
+                 limits: LimitTable | None = None):
         self.config, self.sockets, self.workers, self.state = config, sockets, workers, state
+        self.limits = limits
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.deaths: list[float] = []
@@ -243,7 +250,8 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own handler is in
                 asyncio.run(run_worker(self.config, self.sockets, announce=index == 0,
-                                       generation=self.generation, state_path=self.state.path, index=index))
+                                       generation=self.generation, state_path=self.state.path, index=index,
+                                       limits_table=self.limits))
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -300,6 +308,8 @@ class Supervisor:
                 break
             index = self.children.pop(pid, None)
             metrics.mark_process_dead(pid)
+            if index is not None and self.limits is not None:
+                self.limits.release_worker(index)  # its running requests will never finish
             if index is None or self.stopping:
                 continue
             log.warning("worker %d (pid %d) exited with status %d; starting a new one", index, pid, code)
