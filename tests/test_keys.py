@@ -121,7 +121,8 @@ async def test_limits_are_stored_and_exposed_as_scopes(gw, fetch):
     bare = body(await fetch(gw, "/key/generate", body={}))
     async with tenants_on(pg_dsn_of(gw)) as tenants:
         principal = await tenants.principal(hash_key(created["key"]))
-        assert principal.limit_scopes() == (("key", created["token"], 3, 100, 1), ("team", "tl", 5, 500, None),
+        assert tuple((s.kind, s.id, s.rpm_limit, s.tpm_limit, s.max_parallel_requests)
+                     for s in principal.limit_scopes()) == (("key", created["token"], 3, 100, 1), ("team", "tl", 5, 500, None),
                                             ("user", "u1", None, None, 2))
         assert (await tenants.principal(bare["token"])).limit_scopes() == ()
 

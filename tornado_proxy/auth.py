@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Mapping
 from .config import Secret
 from .errors import AuthenticationError, DatabaseUnavailable, PermissionDeniedError, ServiceUnavailableError
 from .keystore import KeyRecord, TeamRecord, UserRecord, hash_key, now
+from .ratelimit import LimitScope
 
 if TYPE_CHECKING:
     from .tenants import Tenants
@@ -76,9 +77,9 @@ class Principal:
             f"team not allowed to access model. This team can only access models={list(self.team.models)}. "
             f"Tried to access {model}", param="model", type="team_model_access_denied")
 
-    def limit_scopes(self) -> tuple[tuple[str, str, int | None, int | None, int | None], ...]:
-        """``(kind, id, rpm_limit, tpm_limit, max_parallel_requests)`` for the key, its team and its
-        user, in that order, leaving out those with no limit at all. For ``ratelimit.LimitScope``."""
+    def limit_scopes(self) -> tuple[LimitScope, ...]:
+        """The rate-limit scopes of the key, its team and its user, in that order, leaving out
+        those with no limit at all."""
         scopes = []
         for kind, record, ident in (("key", self.key, self.key and self.key.token),
                                     ("team", self.team, self.team and self.team.team_id),
@@ -87,7 +88,7 @@ class Principal:
                 continue
             limits = (record.rpm_limit, record.tpm_limit, record.max_parallel_requests)
             if any(v is not None for v in limits):
-                scopes.append((kind, ident, *limits))
+                scopes.append(LimitScope(kind, ident, *limits))
         return tuple(scopes)
 
 

@@ -71,7 +71,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.ctx = CallContext(call_id=str(uuid.uuid4()), started=time.perf_counter())
         self.principal = None
         self._body_parts: list[bytes] = []
-        self.refused: ProxyError | None = None  # an error answered once the body has been dropped
+        self.refused: ProxyError | None = None
+        self.admission = None  # a ratelimit.Admission while the request holds one  # an error answered once the body has been dropped
         self._in_flight = False
         self._ended = False
         self.set_default_headers()
@@ -245,6 +246,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._ended:
             return
         self._ended = True
+        if self.admission is not None:
+            self.gw.limiter.finish(self.admission, int((self.ctx.usage or {}).get("total_tokens") or 0))
         elapsed = time.perf_counter() - self.ctx.started
         route = self.route.path if self.route else "(unmatched)"
         self.gw.record(route, self.ctx, status, elapsed, began=self._in_flight)
@@ -378,6 +381,7 @@ class LLMHandler(BaseHandler):
     async def post(self, **_path) -> None:
         body = self.json_body()
         self.check_model(body["model"])
+        await self.admit_rate()
         self.ctx.stream = self.streams and bool(body.get("stream"))
         if self.gw.settings.drop_params and "drop_params" not in body:
             body["drop_params"] = True  # litellm_settings.drop_params: for every request
@@ -483,6 +487,15 @@ class LLMHandler(BaseHandler):
         if self.gw.router.tracks_usage:
             counters.add_request(d.id)
             counters.add_tokens(d.id, int((self.ctx.usage or {}).get("total_tokens") or 0))
+
+    async def admit_rate(self) -> None:
+        """The key's, team's and user's rpm / tpm / parallel limits (a 429 when one is used up);
+        the admission is finished, with the tokens used, when the request ends."""
+        scopes = self.principal.limit_scopes() if self.principal is not None else ()
+        if scopes:
+            self.admission = await self.gw.limiter.admit(scopes)
+            for name, value in self.admission.headers.items():
+                self.set_header(name, value)
 
     def check_model(self, name: str) -> None:
         """The requested name, before it is used anywhere: well-formed, and one the caller's key
