@@ -459,6 +459,7 @@ class LLMHandler(BaseHandler):
             provider = PROVIDERS["mock"]
         self.set_model_headers(d)
         endpoint, sent = self.translate(provider, body)
+        endpoint = provider.endpoint_for(d, endpoint)  # completions on a chat-only model: via chat
         if provider.local:
             self.answer_locally(provider, d, endpoint, sent)
             return
