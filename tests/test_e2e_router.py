@@ -3,6 +3,8 @@ OpenAI-compatible providers that fail on command (issue 11)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 import orjson
 import pytest
@@ -374,3 +376,70 @@ async def test_a_bad_provider_key_falls_back(gateway, fetch, fake_openai, fake_o
     r = await fetch(gw, "/v1/chat/completions", CHAT)
     assert r.code == 200 and r.headers["x-litellm-model-id"] == "dep-b"
     assert len(fake_openai.received) == 1  # a 401 is not retried
+
+
+# --- background health checks feed routing (general_settings.enable_health_check_routing) -------
+
+def user_calls(fake) -> int:
+    """Chat calls a fake got from clients, not from the health check (its probe says "ping")."""
+    return sum(1 for r in fake.received if r.path.endswith("/chat/completions")
+               and r.body.get("messages") != [{"role": "user", "content": "ping"}])
+
+
+async def report_where(fetch, gw, predicate) -> dict:
+    for _ in range(500):
+        body = orjson.loads((await fetch(gw, "/health")).body)
+        if body["checked_at"] is not None and predicate(body):
+            return body
+        await asyncio.sleep(0.02)
+    pytest.fail("the background health report did not change")
+
+
+def unhealthy_ids(body: dict) -> set[str]:
+    return {e["model_id"] for e in body["unhealthy_endpoints"]}
+
+
+async def test_background_health_checks_steer_traffic_away_and_back(gateway, fetch, fake_openai, fake_openai_b):
+    gw = await gateway(pair(fake_openai, fake_openai_b) +
+                       "general_settings: {background_health_checks: true, health_check_interval: 0.2}\n")
+    await report_where(fetch, gw, lambda b: b["healthy_count"] == 2)
+
+    fake_openai_b.fail_times, fake_openai_b.fail_status = 10**6, 500  # dep-b breaks
+    await report_where(fetch, gw, lambda b: unhealthy_ids(b) == {"dep-b"})
+    for _ in range(20):
+        r = await fetch(gw, "/v1/chat/completions", CHAT)
+        assert r.code == 200, r.body
+        assert r.headers["x-litellm-model-id"] == "dep-a"
+        assert r.headers["x-litellm-attempted-retries"] == "0"  # avoided before any user hit it
+    assert user_calls(fake_openai) == 20 and user_calls(fake_openai_b) == 0
+
+    fake_openai_b.fail_times = 0  # and recovers: the next round brings it back
+    await report_where(fetch, gw, lambda b: b["unhealthy_count"] == 0)
+    used = {(await fetch(gw, "/v1/chat/completions", CHAT)).headers["x-litellm-model-id"] for _ in range(40)}
+    assert used == {"dep-a", "dep-b"}
+    assert user_calls(fake_openai_b) > 0
+
+
+async def test_a_group_whose_every_deployment_is_unhealthy_is_still_called(gateway, fetch, fake_openai,
+                                                                         fake_openai_b):
+    gw = await gateway(pair(fake_openai, fake_openai_b) +
+                       "general_settings: {background_health_checks: true, health_check_interval: 0.2}\n")
+    for fake in (fake_openai, fake_openai_b):
+        fake.fail_times, fake.fail_status = 10**6, 500
+    await report_where(fetch, gw, lambda b: unhealthy_ids(b) == {"dep-a", "dep-b"})
+    for fake in (fake_openai, fake_openai_b):  # healthy again, but the report still says otherwise
+        fake.fail_times = 0
+    r = await fetch(gw, "/v1/chat/completions", CHAT)
+    assert r.code == 200, r.body  # LiteLLM's safety net: health checks never refuse a call on their own
+    assert user_calls(fake_openai) + user_calls(fake_openai_b) == 1
+
+
+async def test_enable_health_check_routing_false_routes_as_without_checks(gateway, fetch, fake_openai,
+                                                                         fake_openai_b):
+    gw = await gateway(pair(fake_openai, fake_openai_b) +
+                       "general_settings: {background_health_checks: true, health_check_interval: 3600, "
+                       "enable_health_check_routing: false}\n")
+    fake_openai_b.fail_times, fake_openai_b.fail_status = 1, 500  # fails the first round's probe only
+    await report_where(fetch, gw, lambda b: unhealthy_ids(b) == {"dep-b"})
+    used = {(await fetch(gw, "/v1/chat/completions", CHAT)).headers["x-litellm-model-id"] for _ in range(40)}
+    assert used == {"dep-a", "dep-b"}

@@ -115,8 +115,8 @@ def make(strategy="simple-shuffle", seed=1, clock=None, **settings):
     return Router(RouterSettings(routing_strategy=strategy, **settings), counters, random.Random(seed)), counters, clock
 
 
-def picks(router, group, runs=2000, failed=()):
-    return collections.Counter(router.pick(group, failed).id for _ in range(runs))
+def picks(router, group, runs=2000, failed=(), unhealthy=()):
+    return collections.Counter(router.pick(group, failed, unhealthy).id for _ in range(runs))
 
 
 def dep2(id, **kw) -> Deployment:
@@ -356,3 +356,39 @@ def test_deployments_with_a_problem_are_avoided_while_others_work():
     router, _, _ = make()
     group = [dep2("broken", problem="no api_base"), dep2("ok")]
     assert set(picks(router, group, 100)) == {"ok"}
+
+
+# --- background health results (the caller passes the unhealthy ids in) ----------------------
+
+def test_unhealthy_deployments_are_skipped_while_a_healthy_one_remains():
+    router, _, _ = make()
+    group = [dep2("a"), dep2("b"), dep2("c")]
+    assert set(picks(router, group, 300, unhealthy={"a"})) == {"b", "c"}
+    assert set(picks(router, group, 300, unhealthy=frozenset())) == {"a", "b", "c"}
+    assert set(picks(router, group, 300, unhealthy={"not-in-this-group"})) == {"a", "b", "c"}
+
+
+def test_a_group_whose_every_deployment_is_unhealthy_still_tries_them():
+    router, _, _ = make()
+    group = [dep2("a"), dep2("b")]
+    assert set(picks(router, group, 300, unhealthy={"a", "b"})) == {"a", "b"}  # LiteLLM's safety net
+    assert router.pick([dep2("solo")], unhealthy={"solo"}).id == "solo"
+
+
+def test_unhealthy_is_a_preference_cooldowns_still_rule():
+    router, _, _ = make()
+    group = [dep2("a"), dep2("b")]
+    router.failed(group[1], 2, ERR_429)  # b, the healthy one, cools down: the unhealthy a is tried
+    assert set(picks(router, group, 100, unhealthy={"a"})) == {"a"}
+    router.failed(group[0], 2, ERR_429)  # both cooling: the 429 as without health checks
+    with pytest.raises(NoDeploymentAvailable):
+        router.pick(group, unhealthy={"a"})
+
+
+def test_unhealthy_ones_are_skipped_within_order_tiers_and_before_failed_ones():
+    router, _, _ = make()
+    group = [dep2("primary", order=1), dep2("backup", order=2)]
+    assert router.pick(group, unhealthy={"primary"}).id == "backup"
+    assert router.plan(group, unhealthy={"primary"}) == [group[1]]
+    # the only healthy one failed in this call: it is tried again rather than the unhealthy one
+    assert router.pick(group, failed={"backup"}, unhealthy={"primary"}).id == "backup"

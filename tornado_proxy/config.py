@@ -179,6 +179,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("invalid_key_cache_ttl", "general_settings", None, 5.0, float,
             "Seconds an unknown key is remembered as unknown, so a flood of bad keys costs one database "
             "lookup per key and this period.", minimum=0),
+    Setting("enable_health_check_routing", "general_settings", None, True, bool,
+            "With background_health_checks: the router skips the deployments the latest check found "
+            "unhealthy while a healthy one is left in the group (all unhealthy: they are tried anyway). "
+            "LiteLLM's key; on by default here, `false` routes as if there were no checks."),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -227,6 +231,7 @@ class Settings:
     background_health_checks: bool = False
     health_check_interval: float = 300.0
     health_check_timeout: float = 5.0
+    enable_health_check_routing: bool = True
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"

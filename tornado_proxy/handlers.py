@@ -422,9 +422,11 @@ class LLMHandler(BaseHandler):
         picks (one that has not failed in this call, while there is one). None once an attempt
         answered the client (or the client left); else the error to fall back on or answer."""
         router, failed = self.gw.router, set()
+        # what the background health check found (memory only; empty when checks are off)
+        unhealthy = self.gw.unhealthy_deployment_ids() if self.gw.settings.enable_health_check_routing else ()
         for retry in range(retries + 1):
             try:
-                d = router.pick(deployments, failed)
+                d = router.pick(deployments, failed, unhealthy)
                 await self.attempt(d, body, deadline)
                 return None
             except NoDeploymentAvailable as exc:
@@ -462,6 +464,7 @@ class LLMHandler(BaseHandler):
             provider = PROVIDERS["mock"]
         self.set_model_headers(d)
         endpoint, sent = self.translate(provider, body)
+        endpoint = provider.endpoint_for(d, endpoint)  # completions on a chat-only model: via chat
         if provider.local:
             self.answer_locally(provider, d, endpoint, sent)
             return

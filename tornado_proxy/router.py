@@ -4,8 +4,9 @@ decides: which deployment next, whether an error is retried or falls back and to
 how long to wait, which deployment cools down.
 
 Selection: ``order`` tiers first (the lowest tier with a usable deployment wins), then the
-strategy within the tier. Cooled-down deployments are skipped; deployments that failed this
-call are skipped while others remain.
+strategy within the tier. Cooled-down deployments are skipped; so are the deployments the
+latest background health check found unhealthy (the caller passes their ids in), and the ones
+that failed this call, each while others remain.
 """
 
 from __future__ import annotations
@@ -176,15 +177,22 @@ class Router:
         self.tracks_usage = strategy == "usage-based-routing-v2"
         self.tracks_in_flight = strategy == "least-busy"
 
-    def pick(self, deployments: Sequence[Deployment], failed: Collection[str] = ()) -> Deployment:
+    def pick(self, deployments: Sequence[Deployment], failed: Collection[str] = (),
+             unhealthy: Collection[str] = ()) -> Deployment:
         """The deployment for the next attempt. Raises NoDeploymentAvailable (429, with a
         Retry-After) when every deployment is cooling down or at its limits."""
         if len(deployments) == 1 and not self.tracks_usage:
             return deployments[0]  # the fast path: a group's only deployment never cools down
-        return self.plan(deployments, failed)[0]
+        return self.plan(deployments, failed, unhealthy)[0]
 
-    def plan(self, deployments: Sequence[Deployment], failed: Collection[str] = ()) -> list[Deployment]:
-        """The usable deployments of a group in the order to try them (at least one)."""
+    def plan(self, deployments: Sequence[Deployment], failed: Collection[str] = (),
+             unhealthy: Collection[str] = ()) -> list[Deployment]:
+        """The usable deployments of a group in the order to try them (at least one).
+
+        ``unhealthy``: ids the latest background health check failed. They are left out while
+        a deployment that passed (or was not checked) remains usable; when none does, they are
+        tried anyway, as LiteLLM's health-check routing does (its "safety net": a health check
+        alone never turns a group away without a call)."""
         usable = [d for d in deployments if d.problem is None] or list(deployments)
         if len(usable) > 1:
             cooling = self.counters.cooling(d.id for d in usable)
@@ -193,6 +201,8 @@ class Router:
                 if not left:
                     raise self.unavailable(deployments[0].model_name, min(cooling.values()), "cooling down")
                 usable = left
+        if unhealthy and len(usable) > 1:
+            usable = [d for d in usable if d.id not in unhealthy] or usable
         if self.tracks_usage:
             usable = self.under_limits(usable)
         if failed and len(usable) > 1:

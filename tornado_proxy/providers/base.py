@@ -111,6 +111,12 @@ class Provider:
         """What a deployment of this provider uses when its config gives nothing."""
         return ProviderDefaults()
 
+    def endpoint_for(self, d: Deployment, endpoint: str) -> str:
+        """The endpoint a call to ``d`` goes through: ``endpoint`` itself, unless the adapter
+        serves it through another of the upstream's APIs (a text completion on a chat-only
+        model: ``completions_chat.COMPLETIONS_VIA_CHAT``)."""
+        return endpoint
+
     def build_request(self, d: Deployment, endpoint: str, body: dict, stream: bool) -> UpstreamRequest:
         raise NotImplementedError
 

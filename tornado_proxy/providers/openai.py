@@ -1,6 +1,9 @@
 """OpenAI and every OpenAI-compatible server (OpenRouter, Azure OpenAI, vLLM, Groq, DeepSeek,
 Together, Mistral, ...). The differences between them are data: default base URL, key variable,
-path template, auth header, api-version query, extra headers and parameter renames."""
+path template, auth header, api-version query, extra headers and parameter renames.
+
+A text completion on a chat-only model (``gpt-4o``, ``model_info.mode: chat``) is sent to the
+chat endpoint and its answer turned back into a ``text_completion`` (``completions_chat.py``)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ from ..sse import DONE
 from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, StreamState,
                    UpstreamReply, UpstreamRequest, bad_event, event_object, reply_object, require_field,
                    url_segment)
+from .completions_chat import (COMPLETIONS_VIA_CHAT, chat_request, serves_completions_as_chat,
+                               text_completion_bytes, text_completion_chunk)
 
-ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+                  COMPLETIONS_VIA_CHAT: "/chat/completions"}
 # Fields LiteLLM reads for itself; they are never sent to a provider.
 PROXY_ONLY_FIELDS = ("mock_response", "api_key", "api_base", "caching", "fallbacks", "num_retries",
                      "context_window_fallbacks", "litellm_metadata", "guardrails", "tags", "drop_params")
@@ -41,7 +47,12 @@ class OpenAIProvider(Provider):
     def url(self, d: Deployment, endpoint: str) -> str:
         return (d.api_base or "").rstrip("/") + ENDPOINT_PATHS[endpoint]
 
+    def endpoint_for(self, d: Deployment, endpoint: str) -> str:
+        return COMPLETIONS_VIA_CHAT if endpoint == "completions" and serves_completions_as_chat(d) else endpoint
+
     def build_request(self, d: Deployment, endpoint: str, body: dict, stream: bool) -> UpstreamRequest:
+        if endpoint == COMPLETIONS_VIA_CHAT:
+            body = chat_request(body)
         out = {**d.defaults, **body} if d.defaults else dict(body)
         for name in PROXY_ONLY_FIELDS:
             out.pop(name, None)
@@ -59,7 +70,8 @@ class OpenAIProvider(Provider):
         parsed = reply_object(reply.body, "The provider")
         require_field(parsed, "The provider", ("data", list) if endpoint == "embeddings" else ("choices", list))
         usage = parsed.get("usage")
-        return ProviderResponse(reply.body, usage if isinstance(usage, dict) else None)
+        body = text_completion_bytes(reply.body) if endpoint == COMPLETIONS_VIA_CHAT else reply.body
+        return ProviderResponse(body, usage if isinstance(usage, dict) else None)
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
         if data == DONE:
@@ -79,6 +91,12 @@ class OpenAIProvider(Provider):
                 usage = None
             if isinstance(usage, dict):
                 state.usage = usage
+        if endpoint == COMPLETIONS_VIA_CHAT:
+            chunk = event_object(data)
+            if chunk is None:
+                state.error = bad_event("The provider")
+                return []
+            return [orjson.dumps(text_completion_chunk(chunk))]
         return [data]
 
     def stream_error(self, data: bytes) -> ProxyError | None:
