@@ -94,6 +94,11 @@ class LocalCounters:
         count = self._failures[deployment_id] = self._failures.get(deployment_id, 0) + 1
         return count
 
+    def failures(self, deployment_id: str) -> int:
+        """Failures this minute (since its last cooldown)."""
+        self._roll()
+        return self._failures.get(deployment_id, 0)
+
     # --- cooldowns -------------------------------------------------------------------------
     def cool_down(self, deployment_id: str, seconds: float) -> None:
         self._cooldown_until[deployment_id] = self.clock() + seconds
