@@ -189,3 +189,24 @@ async def test_a_redis_that_is_gone_leaves_this_workers_counts_and_logs_once(cap
 def test_keys_are_namespaced():
     assert usage_key("d", 5, "tokens") == f"{KEY_PREFIX}:d:5:tokens"
     assert cooldown_key("d").startswith(KEY_PREFIX + ":")
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+async def test_the_gateway_shares_router_state_only_with_redis(tmp_path, redis_url):
+    from tornado_proxy.app import Gateway
+    from tornado_proxy.config import load
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model_list: [{model_name: m, litellm_params: {model: mock/m}, model_info: {id: m-1}}]\n")
+    alone = Gateway(load(path, environ={}))
+    assert type(alone.router.counters) is LocalCounters and alone.shared_counters is None  # the cheap path
+    path.write_text(path.read_text() + f"router_settings: {{redis_url: {redis_url}}}\n")
+    gw = Gateway(load(path, environ={}))
+    try:
+        assert gw.router.counters is gw.shared_counters and gw.shared_counters.client is gw.limiter.redis.client
+        assert gw.shared_counters.begin_sync().ids == ("m-1",)  # the registry's deployments are mirrored
+    finally:
+        for g in (alone, gw):
+            await g.limiter.close()
+            g.limiter.table.close()

@@ -27,6 +27,7 @@ LATENCY_SAMPLES = 10  # recent latencies kept per deployment (LiteLLM keeps the 
 REFRESH_INTERVAL = 0.5  # seconds between two round trips to Redis (writes sent, mirror refreshed)
 KEY_PREFIX = "tornado_proxy:router"
 MINUTE_TTL = 120  # seconds a minute's counters outlive their minute in Redis
+SYNC_TIMEOUT = 2 * REDIS_TIMEOUT  # seconds for one round trip (connect and pipeline)
 
 
 class LocalCounters:
@@ -172,7 +173,7 @@ class SharedCounters(LocalCounters):
     Writes change the mirror at once and wait in ``Pending``; every ``interval`` (at once after
     a cooldown) one pipeline sends them (INCRBY + EXPIRE on per-minute keys, SET PX for a
     cooldown) and reads back every mirrored deployment's counts (MGET) and cooldown (PTTL).
-    A Redis that fails or does not answer within ``REDIS_TIMEOUT`` leaves the mirror as it is
+    A Redis that fails or does not answer within ``SYNC_TIMEOUT`` leaves the mirror as it is
     (this worker's own counts keep going on top of the last shared ones), logs once, and is
     tried again after a backoff up to ``REDIS_RETRY`` seconds; the unsent writes go with the
     first round trip that succeeds. No request ever waits for Redis."""
@@ -291,7 +292,7 @@ class SharedCounters(LocalCounters):
             pipe = self.client.pipeline(transaction=False)
             for command in sync.commands:
                 pipe.execute_command(*command)
-            replies = await asyncio.wait_for(pipe.execute(), 2 * REDIS_TIMEOUT)
+            replies = await asyncio.wait_for(pipe.execute(), SYNC_TIMEOUT)
         except Exception as exc:  # refused, reset, timeout, auth, ...: route on this worker's counts
             self.failed_sync(sync)
             self.report_down(exc)
