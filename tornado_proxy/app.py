@@ -12,6 +12,7 @@ import tornado.web
 from . import admin, handlers, keyadmin, routes
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
+from .counters import LocalCounters, SharedCounters
 from .handlers import CallContext
 from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
@@ -41,7 +42,11 @@ class Gateway:
         self.catalog = Catalog(config, generation)
         # virtual keys live in the same database as the models, on the same pool
         self.tenants = Tenants(self.catalog.store.db if self.catalog.store is not None else None, self.settings)
-        self.router = Router(RouterSettings.parse(config.router_settings, config.litellm_settings))
+        # one Redis client (or none) for the rate limits and the router's shared counters
+        redis = redis_client(self.settings)
+        self.shared_counters = SharedCounters(redis, self.deployment_ids) if redis is not None else None
+        self.router = Router(RouterSettings.parse(config.router_settings, config.litellm_settings),
+                             self.shared_counters or LocalCounters())
         self.metrics = metrics or Metrics()
         self.upstream: Upstream | None = None
         self.app: tornado.web.Application | None = None
@@ -50,11 +55,15 @@ class Gateway:
         self.health = health or HealthMonitor(MemoryReports(), runs_checks=True)
         # under ``serve`` the supervisor's table, shared by all workers; alone, a table of its own
         self.own_limits = limits is None
-        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis_client(self.settings))
+        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis)
 
     @property
     def registry(self) -> Registry:
         return self.catalog.registry
+
+    def deployment_ids(self) -> list[str]:
+        """The ids whose shared counters this worker mirrors: the current registry's."""
+        return [d.id for d in self.registry.deployments]
 
     def begin(self) -> None:
         self.in_flight += 1
@@ -66,11 +75,15 @@ class Gateway:
         await self.catalog.start(require_db)
         await self.tenants.start()
         self.health.start(self)
+        if self.shared_counters is not None:
+            self.shared_counters.start()
 
     async def stop(self) -> None:
         await self.health.stop()
         await self.tenants.stop()
-        await self.limiter.close()
+        if self.shared_counters is not None:
+            await self.shared_counters.stop()
+        await self.limiter.close()  # closes the Redis client too
         if self.own_limits:
             self.limiter.table.close()
         await self.catalog.stop()

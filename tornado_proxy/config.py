@@ -197,7 +197,9 @@ SETTINGS: tuple[Setting, ...] = (
             above=True),
     Setting("redis_host", "router_settings", "REDIS_HOST", None, str,
             "Redis shared by every instance: rate limits (rpm, tpm, parallel requests) count across "
-            "instances. Unset: each instance counts on its own (exactly, across its workers)."),
+            "instances, and the router's cooldowns, failure counts and rpm/tpm usage are shared. Unset: "
+            "each instance counts rate limits on its own (exactly, across its workers) and each worker routes "
+            "on its own counters."),
     Setting("redis_port", "router_settings", "REDIS_PORT", 6379, int, "Port of `redis_host`.", minimum=1),
     Setting("redis_password", "router_settings", "REDIS_PASSWORD", None, str, "Password of `redis_host`.", True),
     Setting("redis_url", "router_settings", "REDIS_URL", None, str,
