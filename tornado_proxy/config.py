@@ -179,6 +179,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("invalid_key_cache_ttl", "general_settings", None, 5.0, float,
             "Seconds an unknown key is remembered as unknown, so a flood of bad keys costs one database "
             "lookup per key and this period.", minimum=0),
+    Setting("spend_spill_dir", "general_settings", "SPEND_SPILL_DIR", "var/spend", str,
+            "Folder where spend-log events wait (JSON lines) when PostgreSQL is away and the in-memory queue "
+            "is full; they are written to the database, and the files removed, once it is back."),
+    Setting("spend_queue_size", "general_settings", None, 10000, int,
+            "Spend-log events a worker keeps in memory while PostgreSQL is away before spilling them to "
+            "`spend_spill_dir`.", minimum=1),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -227,6 +233,8 @@ class Settings:
     background_health_checks: bool = False
     health_check_interval: float = 300.0
     health_check_timeout: float = 5.0
+    spend_spill_dir: str = "var/spend"
+    spend_queue_size: int = 10000
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"
