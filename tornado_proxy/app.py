@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .ratelimit import LimitTable, RateLimiter, redis_client
 from .registry import Registry, build_registry
 from .router import Router, RouterSettings, with_settings
+from .budget import BudgetReset
 from .keystore import hash_key
 from .schemas import Schemas
 from .spend import SpendWriter
@@ -58,6 +59,7 @@ class Gateway:
         self.spend_store = SpendStore(db) if db is not None else None
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
                                  self.settings.spend_queue_size, self.metrics.spend_log_dropped)
+        self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)
         self._master_hash: tuple[str, str] | None = None
 
     def master_key_hash(self) -> str:
@@ -81,10 +83,12 @@ class Gateway:
         await self.catalog.start(require_db)
         await self.tenants.start()
         self.spend.start()
+        self.budget_reset.start()
         self.health.start(self)
 
     async def stop(self) -> None:
         await self.health.stop()
+        await self.budget_reset.stop()
         await self.spend.stop(self.settings.graceful_shutdown_timeout or 5.0)
         await self.tenants.stop()
         await self.limiter.close()

@@ -185,6 +185,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spend_queue_size", "general_settings", None, 10000, int,
             "Spend-log events a worker keeps in memory while PostgreSQL is away before spilling them to "
             "`spend_spill_dir`.", minimum=1),
+    Setting("budget_exceeded_status_code", "general_settings", None, 422, int,
+            "HTTP status of the `budget_exceeded` error (LiteLLM 1.108 answers 422; older versions 429).",
+            minimum=400),
+    Setting("proxy_budget_rescheduler_min_time", "general_settings", None, 10.0, float,
+            "Seconds between checks for budgets due for their `budget_duration` reset (one worker of one "
+            "instance does each reset, under a PostgreSQL advisory lock).", minimum=0, above=True),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -235,6 +241,8 @@ class Settings:
     health_check_timeout: float = 5.0
     spend_spill_dir: str = "var/spend"
     spend_queue_size: int = 10000
+    budget_exceeded_status_code: int = 422
+    proxy_budget_rescheduler_min_time: float = 10.0
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"

@@ -17,6 +17,7 @@ import orjson
 import tornado.web
 
 from .auth import authenticate_request, authorize
+from .budget import check_budgets, soft_budget_crossings
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
                      RequestTooLargeError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError)
 from .providers import PROVIDERS
@@ -393,6 +394,7 @@ class LLMHandler(BaseHandler):
         body = self.json_body()
         self.note_caller_fields(body)
         self.check_model(body["model"])
+        check_budgets(self.principal, body["model"], self.gw.settings.budget_exceeded_status_code)
         await self.admit_rate()
         self.ctx.stream = self.streams and bool(body.get("stream"))
         if self.gw.settings.drop_params and "drop_params" not in body:
@@ -499,7 +501,7 @@ class LLMHandler(BaseHandler):
 
     def record_spend(self, status: int) -> None:
         """Cost the call, count it in this worker's memory of the key, team and user at once
-        (budgets see it on the next request), and queue the spend-log
+        (budgets see it on the next request), warn at a soft budget, and queue the spend-log
         event for the writer. Only calls that got as far as naming a model leave an entry."""
         if self.principal is None or not self.ctx.requested_model:
             return
@@ -520,7 +522,11 @@ class LLMHandler(BaseHandler):
             metadata=self.request_metadata or {}, origin=self.gw.tenants.origin)
         if cost > 0:
             self.gw.metrics.child(self.gw.metrics.spend, self.ctx.model_group or "").inc(cost)
-            self.gw.tenants.add_spend(self.principal, cost, self.ctx.requested_model)
+            records = self.gw.tenants.add_spend(self.principal, cost, self.ctx.requested_model)
+            for kind, name, spent, soft in soft_budget_crossings(records, cost):
+                log.warning("soft budget reached: %s %s has spent %.6f of its soft_budget %.6f", kind, name, spent,
+                            soft)
+                self.gw.metrics.child(self.gw.metrics.soft_budget_crossed, kind).inc()
         self.gw.spend.submit(event)
 
     def record_success(self, d: Deployment) -> None:
