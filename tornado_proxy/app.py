@@ -9,7 +9,7 @@ import secrets
 
 import tornado.web
 
-from . import admin, handlers, keyadmin, routes
+from . import admin, handlers, keyadmin, routes, spendadmin
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .handlers import CallContext
@@ -33,7 +33,7 @@ RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_tim
                 "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
                 "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size", "redis_host", "redis_port", "redis_password", "redis_url")
 
-HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS}
+HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS, **spendadmin.HANDLERS}
 
 
 class Gateway:
