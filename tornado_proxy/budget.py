@@ -90,14 +90,20 @@ class BudgetReset:
         self.store = store
         self.interval = interval
         self._task: asyncio.Task | None = None
+        self._stopping: asyncio.Event | None = None
 
     def start(self) -> None:
         if self.store is not None:
+            self._stopping = asyncio.Event()
             self._task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+                return
+            except asyncio.TimeoutError:
+                pass
             try:
                 reset = await self.store.reset_budgets()
             except DatabaseUnavailable:
@@ -109,7 +115,10 @@ class BudgetReset:
                 log.info("budget reset: spend set to 0 for %d row(s) of %s", len(ids), table)
 
     async def stop(self) -> None:
+        """Let a reset under way finish (no transaction is cut), then end the timer."""
         if self._task is not None:
+            self._stopping.set()
+            await asyncio.wait({self._task}, timeout=5)
             while not self._task.done():
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=0.5)

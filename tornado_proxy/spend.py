@@ -158,6 +158,7 @@ class SpendWriter:
         self.written = 0
         self._dropped_metric = dropped_metric
         self._wake: asyncio.Event | None = None
+        self._stopping = False
         self._task: asyncio.Task | None = None
         self._down_since: float | None = None
 
@@ -207,6 +208,8 @@ class SpendWriter:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            if self._stopping:
+                return
             try:
                 ok = await self.flush()
             except Exception:  # a bug must not end spend logging: log it, keep the events
@@ -274,6 +277,9 @@ class SpendWriter:
         """SIGTERM: stop the writer, write what is queued (for up to ``timeout`` seconds), and
         put what could not be written into the spill file."""
         if self._task is not None:
+            self._stopping = True  # a write under way finishes (no transaction is cut)
+            self._wake.set()
+            await asyncio.wait({self._task}, timeout=timeout)
             while not self._task.done():
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=0.5)
