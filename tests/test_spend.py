@@ -213,3 +213,37 @@ async def test_stop_flushes_what_is_queued(gateway, pg_dsn, fetch):
     assert {r[0] for r in query(pg_dsn, "SELECT request_id FROM proxy_spend_logs")} == ids
     total = sum(expected_cost(r.parse().usage) for r in replies)
     assert query(pg_dsn, "SELECT spend FROM proxy_keys")[0][0] == pytest.approx(total)
+
+
+async def test_streams_are_costed_from_usage_the_client_did_not_ask_for(gateway, pg_dsn, fetch, fake_openai):
+    from .conftest import PROVIDER_KEY
+
+    gw = await gateway(f"""
+model_list:
+  - model_name: streamed
+    litellm_params:
+      model: openai/gpt-4o-mini
+      api_base: {fake_openai.base}
+      api_key: {PROVIDER_KEY}
+      input_cost_per_token: {IN}
+      output_cost_per_token: {OUT}
+general_settings:
+  store_model_in_db: true
+  database_url: "{pg_dsn}"
+""")
+    key = body(await fetch(gw, "/key/generate", {}))["key"]
+    async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as c:
+        plain = await c.chat.completions.with_raw_response.create(
+            model="streamed", messages=[{"role": "user", "content": "four words go here"}], stream=True)
+        chunks = [ch async for ch in plain.parse()]
+        assert all(ch.usage is None for ch in chunks) and all(ch.choices for ch in chunks)
+        asked = await c.chat.completions.create(model="streamed", messages=[{"role": "user", "content": "x y"}],
+                                                stream=True, stream_options={"include_usage": True})
+        usage = [ch async for ch in asked][-1].usage
+    assert usage is not None
+    await rows_present(pg_dsn, 2)
+    rows = dict(query(pg_dsn, "SELECT request_id, prompt_tokens FROM proxy_spend_logs"))
+    row = query(pg_dsn, "SELECT prompt_tokens, completion_tokens, spend FROM proxy_spend_logs "
+                "WHERE request_id = %s", (plain.headers["x-litellm-call-id"],))[0]
+    assert row[0] > 0 and row[1] > 0 and row[2] == pytest.approx(row[0] * IN + row[1] * OUT)
+    assert usage.prompt_tokens in rows.values()
