@@ -14,6 +14,8 @@ import psycopg2
 import pytest
 
 from .test_e2e_db_faults import cluster, fault_db, until, wait_db  # noqa: F401 - fixtures
+from .test_e2e_reload import terminate
+from .test_e2e_serve import request, serve  # noqa: F401 - fixture
 
 IN, OUT = 0.001, 0.002
 HELLO = [{"role": "user", "content": "hello outage"}]
@@ -100,3 +102,31 @@ async def test_database_stopped_under_traffic_loses_no_spend_row(cluster, fault_
     assert spend == pytest.approx(sum(traffic.calls.values()))
     assert query(fault_db, "SELECT spend FROM proxy_users WHERE user_id = 'outage-user'")[0][0] == pytest.approx(spend)
     assert not list((tmp_path / "spend").glob("*.jsonl"))
+
+
+def test_sigterm_writes_the_queued_spend(serve, pg_dsn):
+    """``proxyctl serve`` with two workers: calls, then SIGTERM at once; every call's row is in
+    PostgreSQL after the exit (what was still queued was written on the way out)."""
+    served = serve(f"""
+    model_list:
+      - model_name: priced
+        litellm_params: {{model: mock/priced, input_cost_per_token: {IN}, output_cost_per_token: {OUT}}}
+    general_settings:
+      store_model_in_db: true
+      database_url: "{pg_dsn}"
+    """, 2)
+    status, _, made = request(served.port, "POST", "/key/generate", {"key_alias": "flush"})
+    assert status == 200, made
+    key = orjson.loads(made)["key"]
+    ids, total = set(), 0.0
+    for _ in range(40):
+        status, headers, reply = request(served.port, "POST", "/v1/chat/completions",
+                                         {"model": "priced", "messages": HELLO}, key=key)
+        assert status == 200, reply
+        usage = orjson.loads(reply)["usage"]
+        ids.add(headers["x-litellm-call-id"])
+        total += usage["prompt_tokens"] * IN + usage["completion_tokens"] * OUT
+    assert terminate(served) == 0
+    assert {r[0] for r in query(pg_dsn, "SELECT request_id FROM proxy_spend_logs")} == ids
+    assert query(pg_dsn, "SELECT spend FROM proxy_keys")[0][0] == pytest.approx(total)
+    assert key not in served.stderr()
