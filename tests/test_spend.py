@@ -247,3 +247,19 @@ general_settings:
                 "WHERE request_id = %s", (plain.headers["x-litellm-call-id"],))[0]
     assert row[0] > 0 and row[1] > 0 and row[2] == pytest.approx(row[0] * IN + row[1] * OUT)
     assert usage.prompt_tokens in rows.values()
+
+
+async def test_embeddings_and_messages_are_logged_count_tokens_is_not(gw, fetch, pg_dsn):
+    made = body(await fetch(gw, "/key/generate", {}))
+    key = made["key"]
+    r = await fetch(gw, "/v1/embeddings", {"model": "cheap", "input": "three little words"}, key=key)
+    assert r.code == 200, r.body
+    m = await fetch(gw, "/v1/messages", {"model": "cheap", "max_tokens": 10,
+                                         "messages": [{"role": "user", "content": "hi there"}]}, key=key)
+    assert m.code == 200, m.body
+    c = await fetch(gw, "/v1/messages/count_tokens", {"model": "cheap",
+                                                      "messages": [{"role": "user", "content": "x"}]}, key=key)
+    assert c.code == 200, c.body
+    await rows_present(pg_dsn, 2)
+    rows = dict(query(pg_dsn, "SELECT call_type, spend FROM proxy_spend_logs"))
+    assert rows == {"aembedding": pytest.approx(3 * IN), "anthropic_messages": pytest.approx(2 * IN + 2 * OUT)}

@@ -41,7 +41,7 @@ DRAIN_LIMIT = 64 * 1024  # a refused request's body up to this is read and dropp
 MAX_NON_STREAM_BODY = 65536  # what is kept of a 2xx answer to a streamed request that is not a stream
 # The spend log's call_type per endpoint (LiteLLM's names)
 CALL_TYPES = {"chat": "acompletion", "completions": "atext_completion", "embeddings": "aembedding",
-              "messages": "anthropic_messages", "count_tokens": "count_tokens"}
+              "messages": "anthropic_messages"}
 
 
 @dataclass
@@ -387,6 +387,7 @@ class LLMHandler(BaseHandler):
     transfer: Transfer | None = None
     client_gone = False
     _unflushed = 0  # stream bytes written since the last completed flush
+    logs_spend = True              # a call that leaves a spend-log row (count_tokens does not)
     end_user: str | None = None    # the body's ``user``, for the spend log
     request_metadata: dict | None = None
 
@@ -503,7 +504,7 @@ class LLMHandler(BaseHandler):
         """Cost the call, count it in this worker's memory of the key, team and user at once
         (budgets see it on the next request), warn at a soft budget, and queue the spend-log
         event for the writer. Only calls that got as far as naming a model leave an entry."""
-        if self.principal is None or not self.ctx.requested_model:
+        if self.principal is None or not self.ctx.requested_model or not self.logs_spend:
             return
         d, usage, key = self.ctx.deployment, self.ctx.usage or {}, self.principal.key
         cost = cost_of(d, usage, self.gw.router.price_table) if d is not None else 0.0
@@ -797,6 +798,7 @@ class MessagesCountTokensHandler(MessagesHandler):
 
     endpoint = "count_tokens"
     streams = False
+    logs_spend = False
 
     async def post(self, **_path) -> None:
         body = self.json_body()

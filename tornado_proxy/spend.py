@@ -245,7 +245,10 @@ class SpendWriter:
         self.tenants.flushed(batch)
 
     async def replay(self) -> None:
-        for path in self.spill.waiting():
+        waiting = self.spill.waiting()
+        if waiting:
+            await self.store.db.ping()  # down: leave the files as they are (no renaming on every retry)
+        for path in waiting:
             claimed = self.spill.claim(path)
             if claimed is None:
                 continue
