@@ -243,6 +243,7 @@ async def gateway(tmp_path, monkeypatch):
         path = tmp_path / f"config{len(running)}.yaml"
         path.write_text(textwrap.dedent(yaml_text))
         environ = {"LITELLM_MASTER_KEY": master_key} if master_key else {}
+        environ["SPEND_SPILL_DIR"] = str(tmp_path / "spend")
         environ.update(env or {})
         config, _ = settle_auth(config_module.load(path, environ=environ))  # as `proxyctl serve` does
         sockets = bind_sockets(0, "127.0.0.1")

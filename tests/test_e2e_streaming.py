@@ -88,7 +88,9 @@ async def test_sdk_stream_concatenates_to_the_reply(client, fake_openai):
     assert all(c.usage is None for c in chunks)
     assert len({c.id for c in chunks}) == 1
     sent = fake_openai.received[-1].body
-    assert sent == {"model": "gpt-4o-mini", "messages": USER, "stream": True}
+    # the gateway asks for the usage (exact spend) and keeps its chunk from this client
+    assert sent == {"model": "gpt-4o-mini", "messages": USER, "stream": True,
+                    "stream_options": {"include_usage": True}}
     assert fake_openai.streams_finished == 1
 
 

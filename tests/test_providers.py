@@ -174,7 +174,7 @@ def test_parse_response_not_json_is_a_502():
 
 
 def test_parse_event_passes_chunks_and_tracks_usage_and_done():
-    p, state = OpenAIProvider(), StreamState()
+    p, state = OpenAIProvider(), StreamState(include_usage=True)
     chunk = b'{"choices":[{"delta":{"content":"hi"}}],"usage":null}'
     assert p.parse_event("chat", chunk, state) == [chunk]
     assert state.usage is None
@@ -184,6 +184,28 @@ def test_parse_event_passes_chunks_and_tracks_usage_and_done():
     assert not state.done
     assert p.parse_event("chat", b"[DONE]", state) == []
     assert state.done and state.chunks == 2
+
+
+def test_stream_usage_is_always_asked_for_and_hidden_unless_the_client_asked():
+    p = OpenAIProvider()
+    d = Deployment(id="x", model_name="m", provider="openai", model="gpt-4o-mini", api_base="http://h/v1")
+    for endpoint in ("chat", "completions"):
+        sent = orjson.loads(p.build_request(d, endpoint, {"model": "m", "stream": True}, stream=True).body)
+        assert sent["stream_options"] == {"include_usage": True}
+    asked = {"model": "m", "stream": True, "stream_options": {"include_usage": False, "other": 1}}
+    assert orjson.loads(p.build_request(d, "chat", asked, stream=True).body)["stream_options"] == {
+        "include_usage": True, "other": 1}
+    assert "stream_options" not in orjson.loads(p.build_request(d, "chat", {"model": "m"}, stream=False).body)
+    state = StreamState(include_usage=False)
+    chunk = b'{"choices":[{"delta":{"content":"hi"}}],"usage":null}'
+    assert p.parse_event("chat", chunk, state) == [b'{"choices":[{"delta":{"content":"hi"}}]}']
+    usage_chunk = b'{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5,"total_tokens":7}}'
+    assert p.parse_event("chat", usage_chunk, state) == []
+    assert state.usage == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    # a provider that puts usage on a chunk with choices: relayed as it came
+    last = b'{"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"total_tokens":1}}'
+    assert p.parse_event("chat", last, state) == [last]
+    assert state.usage == {"prompt_tokens": 1, "total_tokens": 1}
 
 
 def test_parse_event_refuses_non_json_data():

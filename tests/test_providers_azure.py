@@ -118,7 +118,7 @@ USAGE_CHUNK = b'{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_to
     (b"[DONE]", []),
 ])
 def test_stream_events(data, relayed):
-    state = StreamState()
+    state = StreamState(include_usage=True)
     assert AzureProvider().parse_event("chat", data, state) == relayed
     assert state.done == (data == b"[DONE]")
 

@@ -9,7 +9,7 @@ import secrets
 
 import tornado.web
 
-from . import admin, handlers, keyadmin, routes
+from . import admin, handlers, keyadmin, routes, spendadmin
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .counters import LocalCounters, SharedCounters
@@ -19,7 +19,11 @@ from .metrics import Metrics
 from .ratelimit import LimitTable, RateLimiter, redis_client
 from .registry import Registry, build_registry
 from .router import Router, RouterSettings, with_settings
+from .budget import BudgetReset
+from .keystore import hash_key
 from .schemas import Schemas
+from .spend import SpendWriter
+from .spendstore import SpendStore
 from .tenants import Tenants
 from .upstream import Upstream
 
@@ -28,9 +32,9 @@ log = logging.getLogger(__name__)
 # Settings that size the process: a reload keeps the running values.
 RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_timeout", "database_url",
                 "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
-                "embedded_db_dir", "max_request_size_mb", "redis_host", "redis_port", "redis_password", "redis_url")
+                "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size", "redis_host", "redis_port", "redis_password", "redis_url")
 
-HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS}
+HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS, **spendadmin.HANDLERS}
 
 
 class Gateway:
@@ -56,6 +60,19 @@ class Gateway:
         # under ``serve`` the supervisor's table, shared by all workers; alone, a table of its own
         self.own_limits = limits is None
         self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis)
+        db = self.catalog.store.db if self.catalog.store is not None else None
+        self.spend_store = SpendStore(db) if db is not None else None
+        self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
+                                 self.settings.spend_queue_size, self.metrics.spend_log_dropped)
+        self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)
+        self._master_hash: tuple[str, str] | None = None
+
+    def master_key_hash(self) -> str:
+        """The master key's SHA-256 hex: its calls' ``api_key`` in the spend log (as LiteLLM's)."""
+        key = self.settings.master_key.reveal() if self.settings.master_key else ""
+        if self._master_hash is None or self._master_hash[0] != key:
+            self._master_hash = (key, hash_key(key) if key else "")
+        return self._master_hash[1]
 
     @property
     def registry(self) -> Registry:
@@ -74,12 +91,16 @@ class Gateway:
         self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout)
         await self.catalog.start(require_db)
         await self.tenants.start()
+        self.spend.start()
+        self.budget_reset.start()
         self.health.start(self)
         if self.shared_counters is not None:
             self.shared_counters.start()
 
     async def stop(self) -> None:
         await self.health.stop()
+        await self.budget_reset.stop()
+        await self.spend.stop(self.settings.graceful_shutdown_timeout or 5.0)
         await self.tenants.stop()
         if self.shared_counters is not None:
             await self.shared_counters.stop()

@@ -183,6 +183,18 @@ SETTINGS: tuple[Setting, ...] = (
             "With background_health_checks: the router skips the deployments the latest check found "
             "unhealthy while a healthy one is left in the group (all unhealthy: they are tried anyway). "
             "LiteLLM's key; on by default here, `false` routes as if there were no checks."),
+    Setting("spend_spill_dir", "general_settings", "SPEND_SPILL_DIR", "var/spend", str,
+            "Folder where spend-log events wait (JSON lines) when PostgreSQL is away and the in-memory queue "
+            "is full; they are written to the database, and the files removed, once it is back."),
+    Setting("spend_queue_size", "general_settings", None, 10000, int,
+            "Spend-log events a worker keeps in memory while PostgreSQL is away before spilling them to "
+            "`spend_spill_dir`.", minimum=1),
+    Setting("budget_exceeded_status_code", "general_settings", None, 422, int,
+            "HTTP status of the `budget_exceeded` error (LiteLLM 1.108 answers 422; older versions 429).",
+            minimum=400),
+    Setting("proxy_budget_rescheduler_min_time", "general_settings", None, 10.0, float,
+            "Seconds between checks for budgets due for their `budget_duration` reset (one worker of one "
+            "instance does each reset, under a PostgreSQL advisory lock).", minimum=0, above=True),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -234,6 +246,10 @@ class Settings:
     health_check_interval: float = 300.0
     health_check_timeout: float = 5.0
     enable_health_check_routing: bool = True
+    spend_spill_dir: str = "var/spend"
+    spend_queue_size: int = 10000
+    budget_exceeded_status_code: int = 422
+    proxy_budget_rescheduler_min_time: float = 10.0
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"

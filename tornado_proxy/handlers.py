@@ -17,6 +17,7 @@ import orjson
 import tornado.web
 
 from .auth import authenticate_request, authorize
+from .budget import check_budgets, soft_budget_crossings
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
                      RequestTooLargeError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError)
 from .providers import PROVIDERS
@@ -24,6 +25,7 @@ from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest, event_object
 from .registry import check_model_name
 from .router import NoDeploymentAvailable, fallback_kind, is_retryable
+from .spend import SpendEvent, cost_of, tokens
 from .sse import DONE, EventTooLargeError, format_event
 from .upstream import Transfer
 
@@ -37,6 +39,9 @@ MAX_JSON_DEPTH = 254  # orjson encodes no deeper, so a deeper body could never b
 SMALL_BODY_LIMIT = 64 * 1024  # routes that read no body, or a small one (GET, health, metrics)
 DRAIN_LIMIT = 64 * 1024  # a refused request's body up to this is read and dropped (keep-alive)
 MAX_NON_STREAM_BODY = 65536  # what is kept of a 2xx answer to a streamed request that is not a stream
+# The spend log's call_type per endpoint (LiteLLM's names)
+CALL_TYPES = {"chat": "acompletion", "completions": "atext_completion", "embeddings": "aembedding",
+              "messages": "anthropic_messages"}
 
 
 @dataclass
@@ -45,6 +50,7 @@ class CallContext:
 
     call_id: str
     started: float
+    started_at: float = dataclasses.field(default_factory=time.time)  # wall clock, for the spend log
     model_group: str = ""      # a resolved group only: it is a metrics label
     requested_model: str = ""  # what the client asked for, for the log line
     deployment: Deployment | None = None
@@ -248,11 +254,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self._ended = True
         if self.admission is not None:
             self.gw.limiter.finish(self.admission, int((self.ctx.usage or {}).get("total_tokens") or 0))
+        self.record_spend(status)
         elapsed = time.perf_counter() - self.ctx.started
         route = self.route.path if self.route else "(unmatched)"
         self.gw.record(route, self.ctx, status, elapsed, began=self._in_flight)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(self.log_line(route, status, elapsed))
+
+    def record_spend(self, status: int) -> None:
+        """The spend log entry of an LLM call (``LLMHandler``); other routes leave none."""
 
     def log_line(self, route: str, status: int, elapsed: float) -> str:
         """One JSON line per request: no query string, no headers, no bodies."""
@@ -377,10 +387,15 @@ class LLMHandler(BaseHandler):
     transfer: Transfer | None = None
     client_gone = False
     _unflushed = 0  # stream bytes written since the last completed flush
+    logs_spend = True              # a call that leaves a spend-log row (count_tokens does not)
+    end_user: str | None = None    # the body's ``user``, for the spend log
+    request_metadata: dict | None = None
 
     async def post(self, **_path) -> None:
         body = self.json_body()
+        self.note_caller_fields(body)
         self.check_model(body["model"])
+        check_budgets(self.principal, body["model"], self.gw.settings.budget_exceeded_status_code)
         await self.admit_rate()
         self.ctx.stream = self.streams and bool(body.get("stream"))
         if self.gw.settings.drop_params and "drop_params" not in body:
@@ -482,6 +497,41 @@ class LLMHandler(BaseHandler):
                 router.counters.ended(d.id)
         if router.tracks_latency or router.tracks_usage:
             self.record_success(d)
+
+    def note_caller_fields(self, body: dict) -> None:
+        user, metadata = body.get("user"), body.get("metadata")
+        self.end_user = user if isinstance(user, str) else None
+        self.request_metadata = metadata if isinstance(metadata, dict) else None
+
+    def record_spend(self, status: int) -> None:
+        """Cost the call, count it in this worker's memory of the key, team and user at once
+        (budgets see it on the next request), warn at a soft budget, and queue the spend-log
+        event for the writer. Only calls that got as far as naming a model leave an entry."""
+        if self.principal is None or not self.ctx.requested_model or not self.logs_spend:
+            return
+        d, usage, key = self.ctx.deployment, self.ctx.usage or {}, self.principal.key
+        cost = cost_of(d, usage, self.gw.router.price_table) if d is not None else 0.0
+        prompt, completion = tokens(usage, "prompt_tokens"), tokens(usage, "completion_tokens")
+        event = SpendEvent(
+            request_id=self.ctx.call_id, call_type=CALL_TYPES.get(self.endpoint, self.endpoint),
+            api_key=key.token if key is not None else self.gw.master_key_hash(), spend=cost,
+            prompt_tokens=prompt, completion_tokens=completion,
+            total_tokens=tokens(usage, "total_tokens") or prompt + completion,
+            start_time=self.ctx.started_at, end_time=time.time(),
+            model=d.model if d is not None else self.ctx.requested_model, model_id=d.id if d is not None else None,
+            model_group=self.ctx.requested_model, custom_llm_provider=d.provider if d is not None else None,
+            api_base=(d.public_api_base or None) if d is not None else None,
+            user=key.user_id if key is not None else None, end_user=self.end_user,
+            team_id=key.team_id if key is not None else None, status="success" if status < 400 else "failure",
+            metadata=self.request_metadata or {}, origin=self.gw.tenants.origin)
+        if cost > 0:
+            self.gw.metrics.child(self.gw.metrics.spend, self.ctx.model_group or "").inc(cost)
+            records = self.gw.tenants.add_spend(self.principal, cost, self.ctx.requested_model)
+            for kind, name, spent, soft in soft_budget_crossings(records, cost):
+                log.warning("soft budget reached: %s %s has spent %.6f of its soft_budget %.6f", kind, name, spent,
+                            soft)
+                self.gw.metrics.child(self.gw.metrics.soft_budget_crossed, kind).inc()
+        self.gw.spend.submit(event)
 
     def record_success(self, d: Deployment) -> None:
         counters = self.gw.router.counters
@@ -751,6 +801,7 @@ class MessagesCountTokensHandler(MessagesHandler):
 
     endpoint = "count_tokens"
     streams = False
+    logs_spend = False
 
     async def post(self, **_path) -> None:
         body = self.json_body()

@@ -39,6 +39,11 @@ class Metrics:
         self.input_tokens = Counter("litellm_input_tokens", "Prompt tokens by model group", ["model"], registry=r)
         self.output_tokens = Counter("litellm_output_tokens", "Completion tokens by model group", ["model"],
                                      registry=r)
+        self.spend = Counter("litellm_spend_metric", "Spend in USD by model group", ["model"], registry=r)
+        self.soft_budget_crossed = Counter("litellm_soft_budget_crossed", "Keys, teams and users that reached "
+                                           "their soft_budget (a warning; requests go on)", ["kind"], registry=r)
+        self.spend_log_dropped = Counter("litellm_spend_log_dropped", "Spend-log events lost because neither "
+                                         "PostgreSQL nor the spill file could take them", registry=r)
         # Labelled children, looked up once each. Bounded: routes come from routes.yaml and models
         # are only ever resolved model groups (never a client's unknown model name).
         self._children: dict[tuple, object] = {}

@@ -272,14 +272,17 @@ class Router:
             return near + [d for d in ranked if d not in near]
         return ranked
 
-    def prices_of(self, d: Deployment) -> tuple[float, float] | None:
-        """(input, output) USD per token: model_info, then litellm_params, then the shipped table."""
-        for source in (d.model_info, d.public_params):
-            if source.get("input_cost_per_token") is not None or source.get("output_cost_per_token") is not None:
-                return float(source.get("input_cost_per_token") or 0), float(source.get("output_cost_per_token") or 0)
+    @property
+    def price_table(self) -> Mapping[str, Any]:
+        """The shipped price table (prices.json), read on first use."""
         if self._prices is None:
             self._prices = load_prices()
-        return table_price(self._prices, d)
+        return self._prices
+
+    def prices_of(self, d: Deployment) -> tuple[float, float] | None:
+        """(input, output) USD per token: model_info, then litellm_params, then the shipped table."""
+        configured = configured_price(d)
+        return configured if configured is not None else table_price(self.price_table, d)
 
     # --- outcomes ---------------------------------------------------------------------------
     def failed(self, d: Deployment, group_size: int, error: ProxyError) -> None:
@@ -324,6 +327,14 @@ def weight(d: Deployment) -> float:
     if d.weight != 1.0:
         return max(d.weight, 0.0)
     return float(d.rpm or d.tpm or 1.0)
+
+
+def configured_price(d: Deployment) -> tuple[float, float] | None:
+    """The deployment's own (input, output) USD per token: ``model_info``, then ``litellm_params``."""
+    for source in (d.model_info, d.public_params):
+        if source.get("input_cost_per_token") is not None or source.get("output_cost_per_token") is not None:
+            return float(source.get("input_cost_per_token") or 0), float(source.get("output_cost_per_token") or 0)
+    return None
 
 
 def load_prices() -> dict:

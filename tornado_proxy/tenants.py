@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .auth import Principal
@@ -35,6 +37,16 @@ NEGATIVE_MAX = 10_000  # unknown keys remembered at most (oldest forgotten first
 CONCURRENT_LOOKUPS = 4  # per worker: the most database lookups of unknown keys at once
 
 
+TABLE_PK = {"key": "token", "team": "team_id", "user": "user_id"}
+
+
+def with_spend(record, cost: float, by_model: dict):
+    model_spend = dict(record.model_spend or {})
+    for model, value in by_model.items():
+        model_spend[model] = model_spend.get(model, 0.0) + value
+    return replace(record, spend=record.spend + cost, model_spend=model_spend)
+
+
 class Tenants:
     def __init__(self, db: Database | None, settings: Settings):
         self.store = TenantStore(db) if db is not None else None
@@ -49,6 +61,8 @@ class Tenants:
         self._pending: dict[str, asyncio.Future] = {}
         self._lookups: asyncio.Semaphore | None = None
         self._watcher: asyncio.Task | None = None
+        self.origin = uuid.uuid4().hex  # names this worker's spend events (see add_spend)
+        self.unflushed: dict[tuple[str, str], list] = {}  # (kind, id) -> [spend, {model: spend}]
 
     # -- the request path ------------------------------------------------------------------
 
@@ -91,18 +105,18 @@ class Tenants:
                     self.unknown.popitem(last=False)
                 return None
             await self._load_owners(key)
-            self.keys[token] = key
+            self.keys[token] = key = self.with_unflushed("key", key)
             return key
 
     async def _load_owners(self, key: KeyRecord) -> None:
         if key.team_id and key.team_id not in self.teams:
             team = await self.store.get(TEAMS, key.team_id)
             if team is not None:
-                self.teams[team.team_id] = team
+                self.teams[team.team_id] = self.with_unflushed("team", team)
         if key.user_id and key.user_id not in self.users:
             user = await self.store.get(USERS, key.user_id)
             if user is not None:
-                self.users[user.user_id] = user
+                self.users[user.user_id] = self.with_unflushed("user", user)
 
     # -- keeping the memory current ---------------------------------------------------------
 
@@ -123,9 +137,9 @@ class Tenants:
 
     async def refresh(self) -> None:
         """Re-read every key, team and user; replace the memory whole."""
-        teams = {t.team_id: t for t in await self.store.all(TEAMS)}
-        users = {u.user_id: u for u in await self.store.all(USERS)}
-        keys = {k.token: k for k in await self.store.all(KEYS)}
+        teams = {t.team_id: self.with_unflushed("team", t) for t in await self.store.all(TEAMS)}
+        users = {u.user_id: self.with_unflushed("user", u) for u in await self.store.all(USERS)}
+        keys = {k.token: self.with_unflushed("key", k) for k in await self.store.all(KEYS)}
         self.teams, self.users, self.keys = teams, users, keys
         self.unknown.clear()
         self.loaded = True
@@ -145,27 +159,53 @@ class Tenants:
             found = {getattr(r, table.pk): r for r in await self.store.get_many(table, wanted[kind])}
             for ident in wanted[kind]:
                 if ident in found:
-                    memory[ident] = found[ident]
+                    memory[ident] = self.with_unflushed(kind, found[ident])
                 else:
                     memory.pop(ident, None)
                 if kind == "key":
                     self.unknown.pop(ident, None)
 
-    def add_spend(self, principal: Principal, cost: float, model: str | None) -> None:
+    def add_spend(self, principal: Principal, cost: float, model: str | None) -> list:
         """This worker's own spend, seen at once by its next requests' budget checks (other
-        workers' spend arrives with the periodic re-read)."""
+        workers' spend arrives with the periodic re-read). It is also kept aside until the
+        spend writer has stored it (``flushed``), so that a re-read of a row does not forget
+        it meanwhile. Returns the updated key, team and user records."""
         if cost <= 0 or principal.key is None:
-            return
-        from dataclasses import replace
-
-        for memory, ident in ((self.keys, principal.key.token),
-                              (self.teams, principal.key.team_id), (self.users, principal.key.user_id)):
-            record = memory.get(ident) if ident else None
+            return []
+        updated = []
+        for kind, memory, ident in self.owners(principal.key.token, principal.key.team_id, principal.key.user_id):
+            pending = self.unflushed.setdefault((kind, ident), [0.0, {}])
+            pending[0] += cost
+            if model:
+                pending[1][model] = pending[1].get(model, 0.0) + cost
+            record = memory.get(ident)
             if record is not None:
-                model_spend = dict(record.model_spend or {})
-                if model:
-                    model_spend[model] = model_spend.get(model, 0.0) + cost
-                memory[ident] = replace(record, spend=record.spend + cost, model_spend=model_spend)
+                memory[ident] = with_spend(record, cost, {model: cost} if model else {})
+                updated.append(memory[ident])
+        return updated
+
+    def owners(self, token: str | None, team_id: str | None, user_id: str | None):
+        return [(kind, memory, ident) for kind, memory, ident in
+                (("key", self.keys, token), ("team", self.teams, team_id), ("user", self.users, user_id)) if ident]
+
+    def flushed(self, events) -> None:
+        """These events' spend is in the database now (or in the spill file): stop adding it."""
+        for e in events:
+            if e.origin != self.origin or e.spend <= 0:
+                continue
+            for kind, _memory, ident in self.owners(e.api_key, e.team_id, e.user):
+                pending = self.unflushed.get((kind, ident))
+                if pending is None:
+                    continue
+                pending[0] -= e.spend
+                if e.model_group in pending[1]:
+                    pending[1][e.model_group] -= e.spend
+                if pending[0] <= 1e-12:
+                    del self.unflushed[(kind, ident)]
+
+    def with_unflushed(self, kind: str, record):
+        pending = self.unflushed.get((kind, getattr(record, TABLE_PK[kind])))
+        return with_spend(record, pending[0], pending[1]) if pending else record
 
     def _connected(self) -> None:
         if not self.connected:

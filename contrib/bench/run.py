@@ -117,6 +117,34 @@ def start_servers(plan: Plan, config: Path, logdir: Path, litellm_bin: Path | No
 
 
 ROUTER_CONCURRENCY = 64  # the router scenario runs at c=64 and is compared with instant c=64
+VKEY_CONCURRENCY = 64    # the virtual-key scenario: c=64, virtual key vs master key on one gateway
+
+
+def start_keyed(plan: Plan, ups: dict[str, Upstream], workdir: Path, stack: contextlib.ExitStack
+                ) -> list[tuple[servers.Server, str]]:
+    """Per worker count, a gateway with database storage (embedded PostgreSQL) and a virtual
+    key made on it: the "virtual key + spend log" scenario."""
+    keyed = []
+    for w in plan.workers:
+        folder = workdir / f"keys-w{w}"
+        folder.mkdir()
+        config = folder / "config.yaml"
+        config.write_text(servers.keyed_config_yaml(ups, folder))
+        server = servers.start_gateway(PROXYCTL, config, w, plan.log_level, workdir, name=f"gateway-keys-w{w}")
+        stack.callback(servers.stop, server)
+        servers.wait_ready(server, ups["instant"], timeout=120)
+        keyed.append((server, servers.generate_key(server)))
+    return keyed
+
+
+def keyed_endpoints(workdir: Path, keyed: list[tuple[servers.Server, str]]) -> dict[tuple[str, str], Endpoint]:
+    result = {}
+    body = request_body(servers.MODEL_PREFIX + "instant")
+    for s, key in keyed:
+        for label, bearer in ((servers.KEYS, servers.MASTER_KEY), (servers.VKEY, key)):
+            script = loadgen.write_script(workdir / f"{s.name}-{label}.lua", body, bearer)
+            result[(s.name, label)] = Endpoint(s.name, f"http://127.0.0.1:{s.port}{CHAT_PATH}", script, s)
+    return result
 
 
 def request_body(model: str) -> bytes:
@@ -186,15 +214,18 @@ def describe(p: report.Point) -> str:
 def warm_up(ends: dict[tuple[str, str], Endpoint], running: list[servers.Server], plan: Plan) -> None:
     for s in running:
         loadgen.run_wrk(ends[(s.name, "instant")].url, ends[(s.name, "instant")].script, 16, plan.warmup_s)
+    for (name, label), end in ends.items():
+        if label in (servers.KEYS, servers.VKEY):
+            loadgen.run_wrk(end.url, end.script, 16, plan.warmup_s)
 
 
 def run_loads(plan: Plan, ups: dict[str, Upstream], nginx_pid: int, running: list[servers.Server],
-              ends: dict[tuple[str, str], Endpoint]) -> list[report.Point]:
+              ends: dict[tuple[str, str], Endpoint], keyed: list[servers.Server] = ()) -> list[report.Point]:
     """Per round, upstream and concurrency: direct, then every server (order reversed in odd
     rounds), so direct and proxied runs share the machine's noise."""
     names = [s.name for s in running]
     gateways = [s.name for s in running if s.kind == "gateway"]
-    total = plan.rounds * (2 * len(plan.concurrency) * (1 + len(names)) + len(gateways))
+    total = plan.rounds * (2 * len(plan.concurrency) * (1 + len(names)) + len(gateways) + 2 * len(keyed))
     points = []
     for round_no in range(plan.rounds):
         order = names if round_no % 2 == 0 else names[::-1]
@@ -208,6 +239,12 @@ def run_loads(plan: Plan, ups: dict[str, Upstream], nginx_pid: int, running: lis
             points.append(measure(ends[(target, servers.PAIR)], ups["instant"], nginx_pid, ROUTER_CONCURRENCY,
                                   plan.duration_s, round_no, label=servers.PAIR))
             print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
+        for s in keyed:  # virtual key + spend log, next to the master key on the same gateway
+            labels = (servers.KEYS, servers.VKEY) if round_no % 2 == 0 else (servers.VKEY, servers.KEYS)
+            for label in labels:
+                points.append(measure(ends[(s.name, label)], ups["instant"], nginx_pid, VKEY_CONCURRENCY,
+                                      plan.duration_s, round_no, label=label))
+                print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
     return points
 
 
@@ -260,7 +297,8 @@ def benchmark(plan: Plan, spec: UpstreamSpec, workdir: Path) -> dict:
         running = start_servers(plan, config, workdir, litellm_bin, stack)
         for s in running:
             servers.wait_ready(s, ups["instant"], timeout=300 if s.kind == "litellm" else 60)
-        ends = endpoints(workdir, ups, running)
+        keyed = [] if plan.soak else start_keyed(plan, ups, workdir, stack)
+        ends = {**endpoints(workdir, ups, running), **keyed_endpoints(workdir, keyed)}
         warm_up(ends, running, plan)
         if plan.soak:
             results = soak.run_soaks(running, ends, ups["instant"], plan.soak_duration_s, plan.soak_interval_s)
@@ -268,7 +306,7 @@ def benchmark(plan: Plan, spec: UpstreamSpec, workdir: Path) -> dict:
             checks = targets.soak_checks(results)
             print("\n" + targets.checks_table(checks))
             return {"soak": results, "targets": checks}
-        points = run_loads(plan, ups, upstreams.process.pid, running, ends)
+        points = run_loads(plan, ups, upstreams.process.pid, running, ends, [s for s, _ in keyed])
         memory = [report.memory_report(s.name, "load", tree_usage(s.pid)) for s in running]
         if all(reset_peaks(s.pid) for s in running):
             phase = "streams"

@@ -22,6 +22,9 @@ UPSTREAM_KEY = "sk-bench-upstream"
 MODEL_PREFIX = "bench-"  # model group "bench-instant" -> upstream "instant"
 PAIR = "pair"  # the router scenario's pseudo-upstream: a two-deployment group on "instant"
 PAIR_MODEL = MODEL_PREFIX + PAIR
+# the "virtual key + spend log" scenario: a gateway with database storage (a private, embedded
+# PostgreSQL) on the instant upstream, called with the master key ("keys") and a virtual key ("vkey")
+KEYS, VKEY = "keys", "vkey"
 HERE = Path(__file__).resolve().parent
 DROPPED_ENV = ("DATABASE_URL", "STORE_MODEL_IN_DB", "CONFIG_FILE_PATH", "NUM_WORKERS",
                "LITELLM_MASTER_KEY", "OPENAI_API_KEY", "OPENAI_API_BASE", "OPENAI_BASE_URL")
@@ -69,6 +72,33 @@ def config_yaml(upstreams: dict[str, Upstream]) -> str:
                        "router_settings": {"num_retries": 2}}, indent=2)
 
 
+def keyed_config_yaml(upstreams: dict[str, Upstream], folder: Path) -> str:
+    """The instant group on a gateway with database storage: an embedded PostgreSQL of its own
+    (in ``folder``), so virtual keys work and every call leaves a spend-log row."""
+    instant = upstreams["instant"]
+    models = [{"model_name": MODEL_PREFIX + instant.name,
+               "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": instant.base_url,
+                                  "api_key": UPSTREAM_KEY}}]
+    return json.dumps({"model_list": models, "general_settings": {
+        "master_key": MASTER_KEY, "database_url": "embedded", "embedded_db_dir": str(folder / "pgdata"),
+        "spend_spill_dir": str(folder / "spend")}}, indent=2)
+
+
+def generate_key(server: Server, timeout: float = 10.0) -> str:
+    """A virtual key made through the gateway's /key/generate (master key)."""
+    conn = http.client.HTTPConnection(LOOPBACK, server.port, timeout=timeout)
+    try:
+        conn.request("POST", "/key/generate", json.dumps({"key_alias": "bench"}),
+                     {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{server.name}: /key/generate answered {response.status}: {body[:300]!r}")
+        return json.loads(body)["key"]
+    finally:
+        conn.close()
+
+
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
     env.update(extra)
@@ -81,9 +111,10 @@ def launch(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Po
                                 env=env, start_new_session=True)
 
 
-def start_gateway(proxyctl: Path, config: Path, workers: int, log_level: str, logdir: Path) -> Server:
+def start_gateway(proxyctl: Path, config: Path, workers: int, log_level: str, logdir: Path,
+                  name: str | None = None) -> Server:
     port = free_port()
-    name = f"gateway-w{workers}"
+    name = name or f"gateway-w{workers}"
     cmd = [str(proxyctl), "serve", "--config", str(config), "--host", LOOPBACK, "--port", str(port),
            "--num-workers", str(workers), "--log-level", log_level]
     process = launch(cmd, logdir / f"{name}.log", clean_env({"LITELLM_LOG": log_level}))

@@ -19,6 +19,7 @@ TTFT_OVERHEAD_MS = 1.0
 CPU_PER_1K = 0.5
 RSS_PER_WORKER_MB = 60.0
 SOAK_GROWTH = 0.05
+VKEY_CPU_SHARE = 0.10  # issue 12: a virtual key (+ its spend log) costs at most 10% more CPU than the master key
 ROUTER_CPU_SHARE = 0.05  # issue 11: a two-deployment group with retries costs at most 5% more CPU
 
 
@@ -134,6 +135,23 @@ def error_checks(rows: list[Row]) -> list[Check]:
                   verdict(bool(ours) and errors == 0 and not short) if ours else "n/a")]
 
 
+def vkey_checks(rows: list[Row], workers: list[int]) -> list[Check]:
+    """Issue 12: on a gateway with database storage, a virtual key (auth from memory, limits,
+    budgets, spend log) within 10% of the master key's CPU per request at c=64, and no error."""
+    checks = []
+    for w in workers:
+        target = f"gateway-keys-w{w}"
+        master, vkey = find(rows, "keys", 64, target), find(rows, "vkey", 64, target)
+        name = f"w={w} c=64: virtual key + spend log CPU/req <= +{VKEY_CPU_SHARE:.0%} of the master key, no error"
+        if not (master and vkey and master.cpu_per_1k and vkey.cpu_per_1k):
+            checks.append(Check(name, "not measured", "n/a"))
+            continue
+        extra = vkey.cpu_per_1k / master.cpu_per_1k - 1
+        checks.append(Check(name, f"{vkey.cpu_per_1k:.3f} vs {master.cpu_per_1k:.3f} s/1k ({extra:+.1%}), "
+                                  f"{vkey.errors} errors", verdict(extra <= VKEY_CPU_SHARE and vkey.errors == 0)))
+    return checks
+
+
 def soak_checks(soak: dict[str, dict]) -> list[Check]:
     if not soak:
         return [Check(f"RSS growth <= {SOAK_GROWTH:.0%} over the soak (--soak)", "not run", "n/a")]
@@ -164,6 +182,7 @@ def evaluate(rows: list[Row], memory: list[MemoryReport], ttft: dict[str, dict],
     return (throughput_checks(rows, workers) + feature_cost_checks(rows, workers) + latency_checks(rows, workers)
             + slow_upstream_checks(rows, workers) + streaming_checks(ttft, bursts, workers)
             + resource_checks(rows, memory, workers) + error_checks(rows) + router_checks(rows, workers)
+            + vkey_checks(rows, workers)
             + soak_checks(soak))
 
 

@@ -27,6 +27,7 @@ ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "e
 PROXY_ONLY_FIELDS = ("mock_response", "api_key", "api_base", "caching", "fallbacks", "num_retries",
                      "context_window_fallbacks", "litellm_metadata", "guardrails", "tags", "drop_params")
 MAX_ERROR_MESSAGE = 2000
+USAGE_ENDPOINTS = ("chat", "completions")  # where a stream can carry usage (stream_options.include_usage)
 
 
 class OpenAIProvider(Provider):
@@ -35,6 +36,7 @@ class OpenAIProvider(Provider):
     key_envs: tuple[str, ...] = ("OPENAI_API_KEY",)
     base_envs: tuple[str, ...] = ("OPENAI_API_BASE", "OPENAI_BASE_URL")
     renames: Mapping[str, str] = {}
+    stream_usage = True  # asks for stream_options.include_usage on every stream
 
     def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
         base = next((environ[e] for e in self.base_envs if environ.get(e)), self.default_base)
@@ -60,6 +62,11 @@ class OpenAIProvider(Provider):
             if old in out:
                 out[new] = out.pop(old)
         out["model"] = d.model
+        if stream and self.stream_usage and endpoint in USAGE_ENDPOINTS:
+            # exact spend needs the usage of every stream: asked for always, and the chunk that
+            # carries it is kept from a client that did not ask (parse_event)
+            options = out.get("stream_options")
+            out["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         headers = {"Content-Type": "application/json", **d.extra_headers, **self.auth_headers(d)}
         return UpstreamRequest(self.url(d, endpoint), "POST", headers, orjson.dumps(out))
 
@@ -84,19 +91,33 @@ class OpenAIProvider(Provider):
                 state.error = error
                 return []
         state.chunks += 1
-        if b'"usage"' in data and b'"usage":null' not in data:
-            try:
-                usage = orjson.loads(data).get("usage")
-            except (orjson.JSONDecodeError, AttributeError):
-                usage = None
-            if isinstance(usage, dict):
-                state.usage = usage
         if endpoint == COMPLETIONS_VIA_CHAT:
             chunk = event_object(data)
             if chunk is None:
                 state.error = bad_event("The provider")
                 return []
+            usage = chunk.get("usage")
+            if isinstance(usage, dict):
+                state.usage = usage
+                if not state.include_usage and not chunk.get("choices"):
+                    return []  # the usage chunk the gateway asked for: the client did not
+            if not state.include_usage:
+                chunk.pop("usage", None)
             return [orjson.dumps(text_completion_chunk(chunk))]
+        if b'"usage"' not in data:
+            return [data]
+        if b'"usage":null' in data:
+            # include_usage puts "usage": null in every chunk: not for a client that did not ask
+            return [data if state.include_usage else data.replace(b',"usage":null', b"")]
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            chunk = None
+        usage = chunk.get("usage") if isinstance(chunk, dict) else None
+        if isinstance(usage, dict):
+            state.usage = usage
+            if not state.include_usage and not chunk.get("choices"):
+                return []  # the usage chunk the gateway asked for: the client did not
         return [data]
 
     def stream_error(self, data: bytes) -> ProxyError | None:
