@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # Settings that size the process: a reload keeps the running values.
 RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_timeout", "database_url",
                 "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
-                "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size", "redis_host", "redis_port", "redis_password", "redis_url")
+                "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size",
+                "redis_host", "redis_port", "redis_password", "redis_url")
 
 HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS, **spendadmin.HANDLERS}
 
