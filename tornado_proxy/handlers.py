@@ -511,6 +511,15 @@ class LLMHandler(BaseHandler):
             return
         d, usage, key = self.ctx.deployment, self.ctx.usage or {}, self.principal.key
         cost = cost_of(d, usage, self.gw.router.price_table) if d is not None else 0.0
+        if cost > 0:
+            self.gw.metrics.child(self.gw.metrics.spend, self.ctx.model_group or "").inc(cost)
+            records = self.gw.tenants.add_spend(self.principal, cost, self.ctx.requested_model)
+            for kind, name, spent, soft in soft_budget_crossings(records, cost):
+                log.warning("soft budget reached: %s %s has spent %.6f of its soft_budget %.6f", kind, name, spent,
+                            soft)
+                self.gw.metrics.child(self.gw.metrics.soft_budget_crossed, kind).inc()
+        if self.gw.spend.store is None:
+            return  # no database: no spend log to write (and no event to build)
         prompt, completion = tokens(usage, "prompt_tokens"), tokens(usage, "completion_tokens")
         event = SpendEvent(
             request_id=self.ctx.call_id, call_type=CALL_TYPES.get(self.endpoint, self.endpoint),
@@ -524,13 +533,6 @@ class LLMHandler(BaseHandler):
             user=key.user_id if key is not None else None, end_user=self.end_user,
             team_id=key.team_id if key is not None else None, status="success" if status < 400 else "failure",
             metadata=self.request_metadata or {}, origin=self.gw.tenants.origin)
-        if cost > 0:
-            self.gw.metrics.child(self.gw.metrics.spend, self.ctx.model_group or "").inc(cost)
-            records = self.gw.tenants.add_spend(self.principal, cost, self.ctx.requested_model)
-            for kind, name, spent, soft in soft_budget_crossings(records, cost):
-                log.warning("soft budget reached: %s %s has spent %.6f of its soft_budget %.6f", kind, name, spent,
-                            soft)
-                self.gw.metrics.child(self.gw.metrics.soft_budget_crossed, kind).inc()
         self.gw.spend.submit(event)
 
     def record_success(self, d: Deployment) -> None:

@@ -42,8 +42,8 @@ class Deployment:
     source: str = "yaml"
     problem: str | None = None       # why it cannot be served (unsupported provider, no api_base)
 
-    @property
-    def public_api_base(self) -> str:
+    @cached_property
+    def public_api_base(self) -> str:  # every answer's x-litellm-model-api-base: parsed once
         return public_url(self.api_base)
 
     @cached_property
