@@ -114,7 +114,17 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 def authenticate(headers: Mapping[str, str], level: str, master_key: Secret | None) -> Principal | None:
-    """``None`` for public routes; raises ``AuthenticationError`` (401) for a bad or missing key."""
+    """``None`` for public routes; raises ``AuthenticationError`` (401) for a bad or missing key.
+    The master key only (``authenticate_request`` also takes virtual keys)."""
+    found = master_or_key(headers, level, master_key)
+    if isinstance(found, str):
+        raise AuthenticationError(INVALID)
+    return found
+
+
+def master_or_key(headers: Mapping[str, str], level: str, master_key: Secret | None) -> Principal | str | None:
+    """None for public routes, the master (or anonymous) principal, or the presented key that is
+    not the master key (for the key store to judge). 401 when no key was presented."""
     if level == "none":
         return None
     if not master_key:
@@ -124,7 +134,7 @@ def authenticate(headers: Mapping[str, str], level: str, master_key: Secret | No
         raise AuthenticationError(MISSING)
     if hmac.compare_digest(key.encode(), master_key.reveal().encode()):
         return MASTER
-    raise AuthenticationError(INVALID)
+    return key
 
 
 async def authenticate_request(headers: Mapping[str, str], level: str, master_key: Secret | None,
@@ -132,15 +142,9 @@ async def authenticate_request(headers: Mapping[str, str], level: str, master_ke
     """``authenticate``, and a virtual key from the per-worker key cache (a key not in it is
     looked up once). 401 for a bad, blocked or expired key; 503 when the key is unknown and
     the key store cannot be reached."""
-    if level == "none":
-        return None
-    if not master_key:
-        return ANONYMOUS
-    key = presented_key(headers)
-    if not key:
-        raise AuthenticationError(MISSING)
-    if hmac.compare_digest(key.encode(), master_key.reveal().encode()):
-        return MASTER
+    key = master_or_key(headers, level, master_key)
+    if not isinstance(key, str):
+        return key
     if tenants is None or tenants.store is None:
         raise AuthenticationError(INVALID)
     try:
