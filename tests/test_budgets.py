@@ -25,7 +25,7 @@ COST = 2 * IN + 2 * OUT  # "hello there" -> mock echoes it: 2 prompt and 2 compl
 
 
 @pytest.fixture
-async def gw(gateway, pg_dsn):
+async def gw(pg_dsn, gateway):
     return await gateway(db_yaml(pg_dsn))
 
 
@@ -77,7 +77,7 @@ async def test_model_max_budget(gw, fetch):
     await chat(gw, key, "free")  # other models go on
 
 
-async def test_status_code_setting(gateway, pg_dsn, fetch):
+async def test_status_code_setting(pg_dsn, gateway, fetch):
     gw = await gateway(db_yaml(pg_dsn, "  budget_exceeded_status_code: 429"))
     key = body(await fetch(gw, "/key/generate", {"max_budget": 0}))["key"]
     r = await fetch(gw, "/v1/chat/completions", {"model": "cheap", "messages": [{"role": "user", "content": "x"}]},
@@ -85,7 +85,7 @@ async def test_status_code_setting(gateway, pg_dsn, fetch):
     assert r.code == 429 and error_of(r)["type"] == "budget_exceeded"
 
 
-async def test_budget_duration_resets_spend(gateway, pg_dsn, fetch):
+async def test_budget_duration_resets_spend(pg_dsn, gateway, fetch):
     gw = await gateway(db_yaml(pg_dsn, "  proxy_budget_rescheduler_min_time: 0.2"))
     made = body(await fetch(gw, "/key/generate", {"max_budget": COST / 2, "budget_duration": "2s"}))
     await chat(gw, made["key"])
@@ -137,7 +137,7 @@ async def test_soft_budget_only_warns(gw, fetch, caplog):
     assert 'litellm_soft_budget_crossed_total{kind="key"} 1.0' in metrics
 
 
-async def test_overshoot_is_bounded_by_requests_in_flight(gateway, pg_dsn, fetch, fake_openai):
+async def test_overshoot_is_bounded_by_requests_in_flight(pg_dsn, gateway, fetch, fake_openai):
     """50 requests, started one after another while earlier ones are still running, against a
     key one request away from its budget: those already admitted when the first one finishes
     complete; every request sent after that gets the budget error and never reaches the provider."""
