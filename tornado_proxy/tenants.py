@@ -29,13 +29,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .auth import Principal
-from .db import Listener
 from .errors import DatabaseUnavailable
 from .keystore import CHANNEL, KEYS, SPEND_NOTE, TEAMS, USERS, KeyRecord, TeamRecord, TenantStore, UserRecord
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .db import Database
+    from .db import Database, Listener
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +263,8 @@ class Tenants:
         self.connected = False
 
     async def watch(self) -> None:
+        from .db import Listener  # here, not at import: without a database no process loads the driver
+
         backoff = 0.5
         while True:
             conn = None
