@@ -19,13 +19,15 @@ from tornado_proxy.spendstore import RESET_LOCK, SpendStore
 
 from .conftest import PROVIDER_KEY, error_of
 from .test_e2e_db_faults import until
-from .test_spend import IN, OUT, body, chat, db_yaml
+from .test_e2e_serve import HELLO, serve, wait_for  # noqa: F401 - fixture
+from .test_e2e_serve import request as serve_request
+from .test_spend import IN, OUT, body, chat, db_yaml, query
 
 COST = 2 * IN + 2 * OUT  # "hello there" -> mock echoes it: 2 prompt and 2 completion tokens
 
 
 @pytest.fixture
-async def gw(gateway, pg_dsn):
+async def gw(pg_dsn, gateway):
     return await gateway(db_yaml(pg_dsn))
 
 
@@ -77,7 +79,7 @@ async def test_model_max_budget(gw, fetch):
     await chat(gw, key, "free")  # other models go on
 
 
-async def test_status_code_setting(gateway, pg_dsn, fetch):
+async def test_status_code_setting(pg_dsn, gateway, fetch):
     gw = await gateway(db_yaml(pg_dsn, "  budget_exceeded_status_code: 429"))
     key = body(await fetch(gw, "/key/generate", {"max_budget": 0}))["key"]
     r = await fetch(gw, "/v1/chat/completions", {"model": "cheap", "messages": [{"role": "user", "content": "x"}]},
@@ -85,7 +87,7 @@ async def test_status_code_setting(gateway, pg_dsn, fetch):
     assert r.code == 429 and error_of(r)["type"] == "budget_exceeded"
 
 
-async def test_budget_duration_resets_spend(gateway, pg_dsn, fetch):
+async def test_budget_duration_resets_spend(pg_dsn, gateway, fetch):
     gw = await gateway(db_yaml(pg_dsn, "  proxy_budget_rescheduler_min_time: 0.2"))
     made = body(await fetch(gw, "/key/generate", {"max_budget": COST / 2, "budget_duration": "2s"}))
     await chat(gw, made["key"])
@@ -137,7 +139,7 @@ async def test_soft_budget_only_warns(gw, fetch, caplog):
     assert 'litellm_soft_budget_crossed_total{kind="key"} 1.0' in metrics
 
 
-async def test_overshoot_is_bounded_by_requests_in_flight(gateway, pg_dsn, fetch, fake_openai):
+async def test_overshoot_is_bounded_by_requests_in_flight(pg_dsn, gateway, fetch, fake_openai):
     """50 requests, started one after another while earlier ones are still running, against a
     key one request away from its budget: those already admitted when the first one finishes
     complete; every request sent after that gets the budget error and never reaches the provider."""
@@ -178,3 +180,71 @@ general_settings:
     assert all(sent < first_done for sent, _, _ in ok)          # only requests in flight got through
     assert all(r[2] == 422 for r in results if r[0] > first_done)  # later ones: the budget error
     assert fake_openai.count("/chat/completions") == len(ok)    # refused before any provider call
+
+
+async def test_a_budget_used_up_on_one_instance_is_refused_on_another(pg_dsn, gateway, fetch, caplog):
+    """Two gateways on one database stand in for two workers. Both know the key (spend 0); it
+    spends its budget through A; B refuses it within a bounded wait, long before the full re-read
+    (user_api_key_cache_ttl 300 s), by re-reading spend alone: no full or row re-read."""
+    caplog.set_level(logging.DEBUG, logger="tornado_proxy.tenants")
+    config = db_yaml(pg_dsn, "  user_api_key_cache_ttl: 300")
+    a, b = await gateway(config), await gateway(config)
+    key = body(await fetch(a, "/key/generate", {"max_budget": COST / 2}))["key"]
+    for g in (a, b):
+        await until(lambda g=g: served_free(g, key), timeout=5, what="the key on both instances")  # costs 0
+    start = len(caplog.records)
+    await chat(a, key)
+    await refused(a, key)
+
+    async def refused_on_b() -> bool:
+        return not await served_free(b, key)
+    await until(refused_on_b, timeout=5, what="instance B to refuse the spent key")
+    error = await refused(b, key, "free")
+    assert f"Current cost: {COST}," in error["message"]
+    messages = [r.getMessage() for r in caplog.records[start:] if r.name == "tornado_proxy.tenants"]
+    assert any(m.startswith("key store: spend re-read") for m in messages)
+    assert not [m for m in messages if m.startswith(("key store: full re-read", "key store: re-read"))]
+
+
+async def served_free(gw, key: str) -> bool:
+    """A call to the model without a price: served (True) or refused for the budget (False)."""
+    try:
+        await chat(gw, key, "free")
+        return True
+    except openai.UnprocessableEntityError as exc:
+        assert exc.body["type"] == "budget_exceeded"
+        return False
+    except openai.AuthenticationError:
+        return True  # not known here yet: try again
+
+
+def test_served_workers_refuse_a_spent_key(serve, pg_dsn):
+    """``proxyctl serve --num-workers 4``: once a call has used the key's budget up and a short
+    bounded wait has passed, every request, whichever worker takes it, is refused."""
+    served = serve(f"""
+    model_list:
+      - model_name: priced
+        litellm_params: {{model: mock/priced, input_cost_per_token: {IN}, output_cost_per_token: {OUT}}}
+      - model_name: free
+        litellm_params: {{model: mock/free}}
+    general_settings:
+      store_model_in_db: true
+      database_url: "{pg_dsn}"
+      user_api_key_cache_ttl: 300
+    """, 4)
+    status, _, made = serve_request(served.port, "POST", "/key/generate", {"max_budget": COST / 2})
+    assert status == 200, made
+    key = orjson.loads(made)["key"]
+    for _ in range(24):  # fresh connections: the workers learn the key while it is under budget
+        status, _, reply = serve_request(served.port, "POST", "/v1/chat/completions",
+                                         {"model": "free", "messages": HELLO}, key=key)
+        assert status == 200, reply
+    status, _, reply = serve_request(served.port, "POST", "/v1/chat/completions",
+                                     {"model": "priced", "messages": HELLO}, key=key)
+    assert status == 200, reply
+    wait_for(lambda: query(pg_dsn, "SELECT spend FROM proxy_keys")[0][0] > 0, timeout=5, what="the spend written")
+    time.sleep(1.0)  # the announcement and the re-reads take milliseconds; 300 s would be the full re-read
+    for _ in range(24):
+        status, _, reply = serve_request(served.port, "POST", "/v1/chat/completions",
+                                         {"model": "free", "messages": HELLO}, key=key)
+        assert status == 422 and orjson.loads(reply)["error"]["type"] == "budget_exceeded", reply

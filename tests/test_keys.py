@@ -50,7 +50,7 @@ async def chat(gw, key: str, model: str = "cheap") -> str:
 
 
 @pytest.fixture
-async def gw(gateway, pg_dsn):
+async def gw(pg_dsn, gateway):
     return await gateway(db_yaml(pg_dsn))
 
 
@@ -251,7 +251,7 @@ async def test_users(gw, fetch):
     assert (await fetch(gw, "/user/info?user_id=carol")).code == 404
 
 
-async def test_block_propagates_to_another_instance(gateway, pg_dsn, fetch):
+async def test_block_propagates_to_another_instance(pg_dsn, gateway, fetch):
     one = await gateway(db_yaml(pg_dsn))
     two = await gateway(db_yaml(pg_dsn))
     key = body(await fetch(one, "/key/generate", body={}))["key"]

@@ -72,7 +72,7 @@ async def rows_present(dsn: str, n: int, timeout: float = 10.0, where: str = "TR
 
 
 @pytest.fixture
-async def gw(gateway, pg_dsn):
+async def gw(pg_dsn, gateway):
     return await gateway(db_yaml(pg_dsn))
 
 
@@ -161,9 +161,11 @@ async def test_a_replayed_batch_counts_once(gw, fetch, pg_dsn):
     store = SpendStore(db)
     try:
         batch = [event(str(uuid.uuid4()), token, 0.25) for _ in range(3)]
-        assert len(await store.write(batch)) == 3
-        assert await store.write(batch) == []  # all already there
-        assert len(await store.write(batch[:1] + [event(str(uuid.uuid4()), token, 1.0)])) == 1
+        first = await store.write(batch)
+        assert len(first.inserted) == 3 and first.at is not None
+        again = await store.write(batch)
+        assert again.inserted == [] and again.at is None  # all already there: no spend, no announcement
+        assert len((await store.write(batch[:1] + [event(str(uuid.uuid4()), token, 1.0)])).inserted) == 1
     finally:
         await db.close()
     assert query(pg_dsn, "SELECT spend, model_spend FROM proxy_keys")[0] == (1.75, {"cheap": 1.75})
@@ -204,7 +206,7 @@ async def test_a_spill_that_fails_counts_drops(tmp_path):
     assert writer.dropped == 2
 
 
-async def test_stop_flushes_what_is_queued(gateway, pg_dsn, fetch):
+async def test_stop_flushes_what_is_queued(pg_dsn, gateway, fetch):
     gw = await gateway(db_yaml(pg_dsn))
     key = body(await fetch(gw, "/key/generate", {}))["key"]
     replies = await asyncio.gather(*(chat(gw, key) for _ in range(20)))
@@ -215,7 +217,7 @@ async def test_stop_flushes_what_is_queued(gateway, pg_dsn, fetch):
     assert query(pg_dsn, "SELECT spend FROM proxy_keys")[0][0] == pytest.approx(total)
 
 
-async def test_streams_are_costed_from_usage_the_client_did_not_ask_for(gateway, pg_dsn, fetch, fake_openai):
+async def test_streams_are_costed_from_usage_the_client_did_not_ask_for(pg_dsn, gateway, fetch, fake_openai):
     from .conftest import PROVIDER_KEY
 
     gw = await gateway(f"""

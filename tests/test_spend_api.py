@@ -15,7 +15,7 @@ from .test_spend import body, chat, db_yaml, expected_cost, rows_present
 
 
 @pytest.fixture
-async def gw(gateway, pg_dsn):
+async def gw(pg_dsn, gateway):
     return await gateway(db_yaml(pg_dsn))
 
 

@@ -66,6 +66,11 @@ def check_budgets(principal: Principal | None, model: str, status: int) -> None:
                        f"Max budget: {user.max_budget}", status)
 
 
+def budget_used_up(records: list, cost: float) -> bool:
+    """Whether this call's ``cost`` has just taken one of these records to its ``max_budget``."""
+    return any(r.max_budget is not None and r.spend - cost < r.max_budget <= r.spend for r in records)
+
+
 def soft_budget_crossings(records: list, cost: float) -> list[tuple[str, str, float, float]]:
     """(kind, id, spend, soft_budget) for each record whose spend has just reached its soft budget."""
     out = []

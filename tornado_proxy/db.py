@@ -261,6 +261,47 @@ class Database:
         return payloads
 
 
+class Listener:
+    """The notifications of a ``Database.listen()`` connection, awaited so that none is lost:
+    one read of aiopg's queue stays pending across timeouts and wake-ups (cancelling a read
+    that has just taken a notification off the queue would drop it)."""
+
+    def __init__(self, conn: aiopg.Connection):
+        self.conn = conn
+        self._read: asyncio.Future | None = None
+
+    async def next(self, timeout: float, wake: asyncio.Event | None = None) -> set[str]:
+        """The payloads that came within ``timeout`` (a burst is taken whole); an empty set when
+        none came or ``wake`` was set first. DatabaseUnavailable once the connection is lost."""
+        if self._read is None:
+            self._read = asyncio.ensure_future(self.conn.notifies.get())
+        waker = asyncio.ensure_future(wake.wait()) if wake is not None else None
+        try:
+            await asyncio.wait({self._read} | ({waker} if waker else set()), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if waker is not None:
+                waker.cancel()
+        if not self._read.done():
+            if self.conn.closed:
+                raise DatabaseUnavailable("the listening connection was closed")
+            return set()
+        read, self._read = self._read, None
+        try:
+            payloads = {read.result().payload}
+            while not self.conn.notifies.empty():
+                payloads.add(self.conn.notifies.get_nowait().payload)
+        except psycopg2.Error as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        return payloads
+
+    def close(self) -> None:
+        if self._read is not None:
+            self._read.cancel()
+            self._read = None
+        self.conn.close()
+
+
 def describe(exc: BaseException) -> str:
     """A one-line reason without the DSN (which may hold a password)."""
     if isinstance(exc, asyncio.TimeoutError):

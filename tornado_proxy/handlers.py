@@ -17,7 +17,7 @@ import orjson
 import tornado.web
 
 from .auth import authenticate_request, authorize
-from .budget import check_budgets, soft_budget_crossings
+from .budget import budget_used_up, check_budgets, soft_budget_crossings
 from .errors import (InvalidRequestError, MethodNotAllowedError, NotFoundError, ProxyError,
                      RequestTooLargeError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError)
 from .providers import PROVIDERS
@@ -511,6 +511,7 @@ class LLMHandler(BaseHandler):
             return
         d, usage, key = self.ctx.deployment, self.ctx.usage or {}, self.principal.key
         cost = cost_of(d, usage, self.gw.router.price_table) if d is not None else 0.0
+        used_up = False
         if cost > 0:
             self.gw.metrics.child(self.gw.metrics.spend, self.ctx.model_group or "").inc(cost)
             records = self.gw.tenants.add_spend(self.principal, cost, self.ctx.requested_model)
@@ -518,6 +519,7 @@ class LLMHandler(BaseHandler):
                 log.warning("soft budget reached: %s %s has spent %.6f of its soft_budget %.6f", kind, name, spent,
                             soft)
                 self.gw.metrics.child(self.gw.metrics.soft_budget_crossed, kind).inc()
+            used_up = budget_used_up(records, cost)
         if self.gw.spend.store is None:
             return  # no database: no spend log to write (and no event to build)
         prompt, completion = tokens(usage, "prompt_tokens"), tokens(usage, "completion_tokens")
@@ -533,7 +535,7 @@ class LLMHandler(BaseHandler):
             user=key.user_id if key is not None else None, end_user=self.end_user,
             team_id=key.team_id if key is not None else None, status="success" if status < 400 else "failure",
             metadata=self.request_metadata or {}, origin=self.gw.tenants.origin)
-        self.gw.spend.submit(event)
+        self.gw.spend.submit(event, urgent=used_up)  # a budget used up: the others learn it at once
 
     def record_success(self, d: Deployment) -> None:
         counters = self.gw.router.counters

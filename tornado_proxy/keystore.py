@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .db import Database
 
 CHANNEL = "proxy_tenants_changed"
+SPEND_NOTE = "spend:"  # a spend batch's notification on CHANNEL: "spend:<origin>:<time>" (see spendstore.py)
 DURATION = re.compile(r"^(\d+)(s|m|h|d|w|mo)$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
 LIMIT_FIELDS = ("max_budget", "soft_budget", "budget_duration", "tpm_limit", "rpm_limit", "max_parallel_requests",
@@ -237,6 +238,17 @@ class TenantStore:
             await cur.execute(f"SELECT {', '.join(table.columns)} FROM {table.name} WHERE {table.pk} = ANY(%s)",
                               (list(pks),))
             return [table.row(r) for r in await cur.fetchall()]
+
+    async def spend_since(self, at: str) -> list[tuple[str, str, float, dict]]:
+        """(kind, id, spend, model_spend) of every key, team and user whose spend was added at or
+        after ``at`` (a spend notification's UTC time), in one round trip."""
+        sql = " UNION ALL ".join(
+            f"SELECT '{kind}', {pk}, spend, model_spend FROM {table.name} "
+            "WHERE spend_updated_at >= (%(at)s::timestamp AT TIME ZONE 'UTC')"
+            for kind, (table, pk) in SPEND_TABLES.items())
+        async with self.db.cursor() as cur:
+            await cur.execute(sql, {"at": at})
+            return list(await cur.fetchall())
 
     async def all(self, table: Table) -> list:
         async with self.db.cursor() as cur:

@@ -164,14 +164,16 @@ class SpendWriter:
 
     # -- the request path ---------------------------------------------------------------------
 
-    def submit(self, event: SpendEvent) -> None:
-        """Queue an event: O(1), never raises. A full queue (the database away) goes to the spill file."""
+    def submit(self, event: SpendEvent, urgent: bool = False) -> None:
+        """Queue an event: O(1), never raises. A full queue (the database away) goes to the spill file.
+        ``urgent`` (the event used a budget up): write the queue now, not at the next tick, so
+        that the other workers and instances learn it within milliseconds."""
         if self.store is None:
             return
         self.queue.append(event)
         if len(self.queue) > self.queue_size:
             self.spill_queue()
-        elif len(self.queue) >= SPEND_BATCH_SIZE and self._wake is not None:
+        elif (urgent or len(self.queue) >= SPEND_BATCH_SIZE) and self._wake is not None:
             self._wake.set()
 
     def spill_queue(self) -> None:
@@ -240,9 +242,11 @@ class SpendWriter:
         return True
 
     async def write(self, batch: list[SpendEvent]) -> None:
-        inserted = await self.store.write(batch)
-        self.written += len(inserted)
+        written = await self.store.write(batch, self.tenants.origin)
+        self.written += len(written.inserted)
         self.tenants.flushed(batch)
+        if written.at is not None:
+            self.tenants.spend_written(written.at)
 
     async def replay(self) -> None:
         waiting = self.spill.waiting()

@@ -2,16 +2,23 @@
 that writes or reads them (the store owns its rows). Spend is only ever added
 (``spend = spend + x``), in the transaction that inserts the log rows it comes from, and only
 for rows that were really inserted; only a budget reset sets it back, under an advisory lock
-so that one worker of one instance does it."""
+so that one worker of one instance does it.
+
+A batch that added spend announces it once, in its transaction (so only on commit):
+``spend:<origin>:<time>`` on the tenants channel, ``<time>`` being the transaction's ``now()``
+(in UTC, fixed width, so that text order is time order), which is the ``spend_updated_at`` it
+gave every row it touched. Workers then re-read the spend of the rows updated at or after it
+(``TenantStore.spend_since``)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 import orjson
 
-from .keystore import parse_duration
+from .keystore import CHANNEL, SPEND_NOTE, parse_duration
 
 if TYPE_CHECKING:
     from .db import Database
@@ -25,6 +32,12 @@ LOG_COLUMNS = ("request_id", "call_type", "api_key", "spend", "total_tokens", "p
 OWNERS = (("proxy_keys", "token", "api_key"), ("proxy_teams", "team_id", "team_id"),
           ("proxy_users", "user_id", "user"))
 BUDGET_TABLES = (("proxy_keys", "token"), ("proxy_teams", "team_id"), ("proxy_users", "user_id"))
+
+
+@dataclass(frozen=True)
+class Written:
+    inserted: list[str]          # the request ids inserted (the others were there already)
+    at: str | None               # when their spend was added (see the module doc); None: no spend added
 
 
 def epoch(value: float) -> dt.datetime:
@@ -65,11 +78,11 @@ class SpendStore:
     def __init__(self, db: Database):
         self.db = db
 
-    async def write(self, events: list[SpendEvent]) -> list[str]:
+    async def write(self, events: list[SpendEvent], origin: str = "") -> Written:
         """Insert the rows not yet there and add their spend to their key, team and user, in one
-        transaction. Returns the request ids inserted."""
+        transaction that also announces the increments (once; ``origin`` names the writer)."""
         if not events:
-            return []
+            return Written([], None)
         cols = ", ".join(f'"{c}"' for c in LOG_COLUMNS)
         async with self.db.transaction() as cur:
             values = b",".join(cur.mogrify("(" + ", ".join(["%s"] * (len(LOG_COLUMNS) - 1)) + ", %s::jsonb)",
@@ -78,11 +91,20 @@ class SpendStore:
                               + b" ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
             inserted = {r[0] for r in await cur.fetchall()}
             new = [e for e in events if e.request_id in inserted]
+            added = False
             for table, pk, field in OWNERS:
                 found = increments(new, field)
                 if found:
                     await self.add(cur, table, pk, found)
-        return sorted(inserted)
+                    added = True
+            at = await self.announce(cur, origin) if added else None
+        return Written(sorted(inserted), at)
+
+    @staticmethod
+    async def announce(cur, origin: str) -> str:
+        await cur.execute("SELECT t, pg_notify(%s, %s || t) FROM (SELECT to_char(now() AT TIME ZONE 'UTC', "
+                          "'YYYY-MM-DD\"T\"HH24:MI:SS.US') AS t) AS s", (CHANNEL, f"{SPEND_NOTE}{origin}:"))
+        return (await cur.fetchone())[0]
 
     @staticmethod
     async def add(cur, table: str, pk: str, found: dict[str, tuple[float, dict]]) -> None:

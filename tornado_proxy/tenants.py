@@ -6,9 +6,16 @@ team or user, and only that row is re-read) and by a full re-read every
 ``user_api_key_cache_ttl`` seconds. A key that is not in memory (created a moment ago on
 another instance) is looked up once and remembered, found or not: unknown keys are remembered
 for ``invalid_key_cache_ttl`` seconds, and concurrent lookups are coalesced and bounded, so a
-flood of bad keys costs PostgreSQL a handful of queries. Spend columns are not announced
-(see sql/0002_tenants.sql); spend reaches this memory by ``add_spend`` (this worker's own
-requests) and the periodic re-read.
+flood of bad keys costs PostgreSQL a handful of queries.
+
+Spend columns do not fire the row notifications (see sql/0002_tenants.sql). Spend reaches this
+memory by ``add_spend`` (this worker's own requests, at once) and by spend re-reads: each batch
+the spend writers (of every worker and instance) commit announces itself once
+(``spend:<origin>:<time>``, see spendstore.py), and the listener re-reads only the spend of the
+rows updated since the earliest announced time it has not read yet; announcements that come
+while a re-read runs are served by one more re-read after it. This worker's own batches are
+not taken from the channel but from the writer (``spend_written``), after it has taken them off
+``unflushed``, so that a re-read never counts them twice or not at all.
 """
 
 from __future__ import annotations
@@ -23,11 +30,11 @@ from typing import TYPE_CHECKING
 
 from .auth import Principal
 from .errors import DatabaseUnavailable
-from .keystore import CHANNEL, KEYS, TEAMS, USERS, KeyRecord, TeamRecord, TenantStore, UserRecord
+from .keystore import CHANNEL, KEYS, SPEND_NOTE, TEAMS, USERS, KeyRecord, TeamRecord, TenantStore, UserRecord
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .db import Database
+    from .db import Database, Listener
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,10 @@ class Tenants:
         self._watcher: asyncio.Task | None = None
         self.origin = uuid.uuid4().hex  # names this worker's spend events (see add_spend)
         self.unflushed: dict[tuple[str, str], list] = {}  # (kind, id) -> [spend, {model: spend}]
+        self.full_reads = 0  # counters for tests and logs: full re-reads, spend re-reads
+        self.spend_reads = 0
+        self._spend_at: str | None = None  # the earliest announced spend time not re-read yet
+        self._spend_wake = asyncio.Event()
 
     # -- the request path ------------------------------------------------------------------
 
@@ -141,6 +152,8 @@ class Tenants:
         users = {u.user_id: self.with_unflushed("user", u) for u in await self.store.all(USERS)}
         keys = {k.token: self.with_unflushed("key", k) for k in await self.store.all(KEYS)}
         self.teams, self.users, self.keys = teams, users, keys
+        self.full_reads += 1
+        log.debug("key store: full re-read (%d keys, %d teams, %d users)", len(keys), len(teams), len(users))
         self.unknown.clear()
         self.loaded = True
         self._connected()
@@ -156,6 +169,7 @@ class Tenants:
                                     ("key", KEYS, self.keys)):
             if not wanted[kind]:
                 continue
+            log.debug("key store: re-read %d %s row(s)", len(wanted[kind]), kind)
             found = {getattr(r, table.pk): r for r in await self.store.get_many(table, wanted[kind])}
             for ident in wanted[kind]:
                 if ident in found:
@@ -165,9 +179,40 @@ class Tenants:
                 if kind == "key":
                     self.unknown.pop(ident, None)
 
+    def spend_announced(self, at: str) -> None:
+        """A spend batch committed at ``at``: re-read the spend changed since then (coalesced)."""
+        if self._spend_at is None or at < self._spend_at:
+            self._spend_at = at
+        self._spend_wake.set()
+
+    def spend_written(self, at: str) -> None:
+        """This worker's writer committed a batch at ``at`` and has called ``flushed`` for it."""
+        self.spend_announced(at)
+
+    async def reread_spend(self) -> None:
+        """Re-read the spend of the keys, teams and users updated since the earliest announced
+        time, and add this worker's spend not yet written (as every re-read does)."""
+        at, self._spend_at = self._spend_at, None
+        self._spend_wake.clear()
+        if at is None:
+            return
+        try:
+            rows = await self.store.spend_since(at)
+        except BaseException:
+            self.spend_announced(at)  # read it next time
+            raise
+        self.spend_reads += 1
+        memories = {"key": self.keys, "team": self.teams, "user": self.users}
+        for kind, ident, spend, model_spend in rows:
+            record = memories[kind].get(ident)
+            if record is not None:  # rows not in memory are read whole when first needed
+                memories[kind][ident] = self.with_unflushed(kind, replace(record, spend=spend,
+                                                                          model_spend=model_spend))
+        log.debug("key store: spend re-read since %s (%d row(s))", at, len(rows))
+
     def add_spend(self, principal: Principal, cost: float, model: str | None) -> list:
         """This worker's own spend, seen at once by its next requests' budget checks (other
-        workers' spend arrives with the periodic re-read). It is also kept aside until the
+        workers' spend arrives with the spend re-reads). It is also kept aside until the
         spend writer has stored it (``flushed``), so that a re-read of a row does not forget
         it meanwhile. Returns the updated key, team and user records."""
         if cost <= 0 or principal.key is None:
@@ -218,11 +263,13 @@ class Tenants:
         self.connected = False
 
     async def watch(self) -> None:
+        from .db import Listener  # here, not at import: without a database no process loads the driver
+
         backoff = 0.5
         while True:
             conn = None
             try:
-                conn = await self.store.db.listen(CHANNEL)
+                conn = Listener(await self.store.db.listen(CHANNEL))
                 await self.refresh()  # whatever changed while nobody listened
                 backoff = 0.5
                 await self._listen(conn)
@@ -237,12 +284,21 @@ class Tenants:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _listen(self, conn) -> None:
+    async def _listen(self, conn: Listener) -> None:
         next_full = time.monotonic() + self.settings.user_api_key_cache_ttl
         while True:
-            names = await self.store.db.notifications(conn, LISTEN_POLL)
+            names = set()
+            for payload in await conn.next(LISTEN_POLL, self._spend_wake):
+                if not payload.startswith(SPEND_NOTE):
+                    names.add(payload)
+                    continue
+                origin, _, at = payload[len(SPEND_NOTE):].partition(":")
+                if origin != self.origin and at:  # this worker's own batches come from its writer
+                    self.spend_announced(at)
             if names:
                 await self.reload(names)
+            if self._spend_at is not None:
+                await self.reread_spend()
             if time.monotonic() >= next_full:
                 await self.refresh()
                 next_full = time.monotonic() + self.settings.user_api_key_cache_ttl
