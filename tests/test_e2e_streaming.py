@@ -385,9 +385,9 @@ async def test_a_client_that_stops_reading_is_dropped_not_buffered(gw, fetch, fa
     drops the client and aborts the upstream instead of buffering the whole stream in memory."""
     import socket
 
-    from tornado_proxy import handlers
+    from tornado_proxy import llm
 
-    monkeypatch.setattr(handlers, "MAX_PENDING_STREAM_BYTES", 64 * 1024)
+    monkeypatch.setattr(llm, "MAX_PENDING_STREAM_BYTES", 64 * 1024)
     fake_openai.stream_chunks = 200_000  # ~20 MB of events, as fast as the fake can write them
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and this client reads nothing

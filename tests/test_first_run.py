@@ -309,7 +309,7 @@ async def test_connection_failure_names_the_deployment_and_host(gateway, fetch, 
               api_key: {PROVIDER_KEY}
             model_info: {{id: my-deployment-7}}
         """)
-    with caplog.at_level("WARNING", logger="tornado_proxy.handlers"):
+    with caplog.at_level("WARNING", logger="tornado_proxy.llm"):
         r = await fetch(gw, "/v1/chat/completions", {"model": "gpt-fake", "stream": stream,
                                                     "messages": [{"role": "user", "content": "x"}]})
     assert r.code == 503, r.body

@@ -9,7 +9,7 @@ import secrets
 
 import tornado.web
 
-from . import admin, handlers, keyadmin, routes, spendadmin
+from . import admin, handlers, keyadmin, llm, routes, spendadmin
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .counters import LocalCounters, SharedCounters
@@ -35,7 +35,7 @@ RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_tim
                 "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size",
                 "redis_host", "redis_port", "redis_password", "redis_url")
 
-HANDLERS = {**handlers.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS, **spendadmin.HANDLERS}
+HANDLERS = {**llm.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS, **spendadmin.HANDLERS}
 
 
 class Gateway:
