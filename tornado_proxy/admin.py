@@ -9,6 +9,7 @@ import uuid
 
 from . import __version__, health
 from .errors import DatabaseUnavailable, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from .cache import CacheUnavailable
 from .handlers import BaseHandler
 from .modelstore import ModelStore, public_view
 from .providers.base import Deployment
@@ -183,7 +184,43 @@ class MetricsHandler(BaseHandler):
         self.finish(self.gw.metrics.render())
 
 
+class CacheHandler(BaseHandler):
+    def cache(self):
+        if self.gw.cache is None:
+            raise ServiceUnavailableError("The response cache is off: set litellm_settings.cache: true "
+                                          "(and cache_params) to use it.")
+        return self.gw.cache
+
+
+class CachePingHandler(CacheHandler):
+    """``GET /cache/ping`` (as LiteLLM): is the cache reachable."""
+
+    async def get(self) -> None:
+        cache = self.cache()
+        try:
+            await cache.ping()
+        except CacheUnavailable as exc:
+            raise ServiceUnavailableError(f"The response cache ({cache.kind}) is unreachable: {exc}") from None
+        self.write_json({"status": "healthy", "cache_type": cache.kind, "ping_response": True})
+
+
+class CacheFlushAllHandler(CacheHandler):
+    """``POST /cache/flushall[?namespace=N]``: delete the cached answers (of one namespace). A
+    local cache is this worker's memory: only the worker that takes the request is flushed."""
+
+    async def post(self) -> None:
+        cache = self.cache()
+        namespace = self.get_query_argument("namespace", None) or None
+        try:
+            deleted = await cache.flush(namespace)
+        except CacheUnavailable as exc:
+            raise ServiceUnavailableError(f"The response cache ({cache.kind}) is unreachable: {exc}") from None
+        self.write_json({"status": "success", "cache_type": cache.kind, "deleted": deleted})
+
+
 HANDLERS = {
+    "cache_ping": CachePingHandler,
+    "cache_flushall": CacheFlushAllHandler,
     "models": ModelsHandler,
     "model": ModelHandler,
     "model_info": ModelInfoHandler,

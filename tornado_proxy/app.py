@@ -10,6 +10,8 @@ import secrets
 import tornado.web
 
 from . import admin, handlers, keyadmin, llm, routes, spendadmin
+from .cache import build_cache
+from .cachekey import CacheSettings
 from .catalog import Catalog
 from .config import Config, ConfigError, Secret, Settings, describe_ignored, resource_dir
 from .counters import LocalCounters, SharedCounters
@@ -66,6 +68,11 @@ class Gateway:
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
                                  self.settings.spend_queue_size, self.metrics.spend_log_dropped)
         self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)
+        # the response cache (litellm_settings.cache): None when off; a restart changes it
+        self.cache_settings, _ = CacheSettings.parse(config.litellm_settings)
+        self.cache = build_cache(self.cache_settings, self.settings) if self.cache_settings else None
+        if self.cache is None:
+            self.cache_settings = None
         self._master_hash: tuple[str, str] | None = None
 
     def master_key_hash(self) -> str:
@@ -106,6 +113,8 @@ class Gateway:
         if self.shared_counters is not None:
             await self.shared_counters.stop()
         await self.limiter.close()  # closes the Redis client too
+        if self.cache is not None:
+            await self.cache.close()
         if self.own_limits:
             self.limiter.table.close()
         await self.catalog.stop()
@@ -121,6 +130,8 @@ class Gateway:
         for name in RESTART_ONLY:
             if getattr(config.settings, name) != getattr(self.settings, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
+        if CacheSettings.parse(config.litellm_settings)[0] != CacheSettings.parse(self.config.litellm_settings)[0]:
+            log.warning("reload: litellm_settings.cache / cache_params changed; they take effect at the next restart")
         router = with_settings(self.router, RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.config = keep_restart_only(config, self.settings)
         self.settings = self.config.settings
@@ -202,6 +213,7 @@ def validate(config: Config) -> Registry:
     try:
         routes.check(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
         RouterSettings.parse(config.router_settings, config.litellm_settings)
+        CacheSettings.parse(config.litellm_settings)
         return build_registry(config.models, config.environ, aliases=config.router_settings.get("model_group_alias"))
     except ConfigError as exc:
         raise ConfigError(f"{config.path}: {exc}") from None
@@ -221,8 +233,22 @@ def log_startup_warnings(config: Config, registry: Registry) -> list[str]:
     warnings += [f"{p}; requests for it get a 400" for p in registry.problems()]
     warnings += database_warnings(config)
     warnings += [describe_ignored(key, config.router_settings) for key in config.ignored]
+    warnings += cache_warnings(config)
     for line in warnings:
         log.warning("%s", line)
+    return warnings
+
+
+def cache_warnings(config: Config) -> list[str]:
+    """A cache type this gateway does not implement, or Redis caching without a Redis."""
+    try:
+        cache, warnings = CacheSettings.parse(config.litellm_settings)
+    except ConfigError:
+        return []  # validate() reports it
+    s = config.settings
+    if cache is not None and cache.type == "redis" and not (cache.url or cache.host or s.redis_url or s.redis_host):
+        warnings.append("litellm_settings.cache_params.type is redis but no Redis is configured (cache_params "
+                        "host/url, router_settings redis_*, REDIS_HOST/REDIS_URL): responses are NOT cached")
     return warnings
 
 

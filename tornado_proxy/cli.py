@@ -393,5 +393,47 @@ def check(config_path: str) -> None:
                "model groups)")
 
 
+@cli.group()
+def cache() -> None:
+    """The response cache (litellm_settings.cache)."""
+
+
+@cache.command("flush")
+@click.option("--config", "-c", "config_path", default=default_config_path, show_default="routes.yaml",
+              help=CONFIG_HELP)
+@click.option("--namespace", default=None, help="Only this namespace's entries (default: every cached answer).")
+def cache_flush(config_path: str, namespace: str | None) -> None:
+    """Delete cached answers from the configured Redis cache."""
+    from .cache import CacheUnavailable, build_cache
+    from .cachekey import CacheSettings
+
+    setup_logging("ERROR")
+    config = load_or_exit(config_path)
+    try:
+        settings, _ = CacheSettings.parse(config.litellm_settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if settings is None:
+        raise click.ClickException(f"{config_path}: the response cache is off (litellm_settings.cache)")
+    if settings.type != "redis":
+        raise click.ClickException("a local cache lives in each worker's memory: restart the gateway, or POST "
+                                   "/cache/flushall (it flushes the worker that answers)")
+    store = build_cache(settings, config.settings)
+    if store is None:
+        raise click.ClickException(f"{config_path}: cache_params.type is redis but no Redis is configured")
+
+    async def flush():
+        try:
+            return await store.flush(namespace)
+        finally:
+            await store.close()
+
+    try:
+        deleted = asyncio.run(flush())
+    except CacheUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"deleted {deleted} cached answers" + (f" in namespace {namespace}" if namespace else ""))
+
+
 def main() -> None:
     cli(prog_name="proxyctl")

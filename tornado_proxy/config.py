@@ -496,8 +496,6 @@ def load_default_routes() -> tuple[RouteSpec, ...]:
 # What a LiteLLM setting this gateway does not implement costs the user (item by item, so
 # `proxyctl check` and start-up can say it). Keys not in this table get a generic line.
 UNSUPPORTED: Mapping[str, str] = {
-    "litellm_settings.cache": "responses are not cached",
-    "litellm_settings.cache_params": "responses are not cached",
     "litellm_settings.success_callback": "successful calls are not sent to these callbacks (only the JSON "
                                          "request log and /metrics)",
     "litellm_settings.failure_callback": "failed calls are not sent to these callbacks",
@@ -532,6 +530,7 @@ ROUTER_KEYS = ("routing_strategy", "routing_strategy_args", "num_retries", "allo
                "default_fallbacks", "model_group_alias")
 LITELLM_ROUTER_KEYS = ("num_retries", "request_timeout", "fallbacks", "context_window_fallbacks",
                        "content_policy_fallbacks", "default_fallbacks")
+LITELLM_CACHE_KEYS = ("cache", "cache_params")  # cachekey.CacheSettings reads them
 
 
 def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
@@ -541,7 +540,7 @@ def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
     out += [f"general_settings.{k}" for k in (doc.get("general_settings") or {}) if k not in known]
     router = doc.get("router_settings") or {}
     out += [f"router_settings.{k}" for k in router if k not in used_router]
-    used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"} | set(LITELLM_ROUTER_KEYS)
+    used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"} | set(LITELLM_ROUTER_KEYS) | set(LITELLM_CACHE_KEYS)
     out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {}) if k not in used_litellm]
     return tuple(out)
 

@@ -43,6 +43,7 @@ class CallContext:
     first_token_s: float = 0.0  # a stream's time to its first event
     retries: int = 0            # attempts after the first, within a model group
     fallbacks: int = 0          # fallback groups tried
+    cache_hit: bool = False     # answered from the response cache
 
 
 @tornado.web.stream_request_body

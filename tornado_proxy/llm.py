@@ -13,6 +13,9 @@ from typing import Sequence
 
 import orjson
 
+from .cache import CacheUnavailable
+from .cachekey import (ControlError, Controls, StreamAssembler, cache_key, controls, decode_entry, encode_entry,
+                       fresh, replay_chunks, storable)
 from .budget import budget_used_up, check_budgets, soft_budget_crossings
 from .errors import InvalidRequestError, ProxyError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
 from .providers import PROVIDERS
@@ -111,6 +114,9 @@ class LLMHandler(BaseHandler):
     logs_spend = True              # a call that leaves a spend-log row (count_tokens does not)
     end_user: str | None = None    # the body's ``user``, for the spend log
     request_metadata: dict | None = None
+    cache_plan: tuple[str, Controls] | None = None  # (key, controls) of a request that takes part in caching
+    assembler: StreamAssembler | None = None        # a streamed answer being assembled to store
+    cache_answer: dict | None = None                 # the complete answer, once there is one to store
 
     async def post(self, **_path) -> None:
         body = self.json_body()
@@ -121,7 +127,86 @@ class LLMHandler(BaseHandler):
         self.ctx.stream = self.streams and bool(body.get("stream"))
         if self.gw.settings.drop_params and "drop_params" not in body:
             body["drop_params"] = True  # litellm_settings.drop_params: for every request
+        cache_body = body.pop("cache", None)  # the gateway's controls: never forwarded
+        if self.gw.cache is not None and await self.answer_from_cache(body, cache_body):
+            return
         await self.call_with_fallbacks(body)
+        if self.cache_answer is not None:
+            await self.store_in_cache(self.cache_answer)
+
+    async def answer_from_cache(self, body: dict, cache_body) -> bool:
+        """Look the request up (when it takes part in caching); True once a hit was answered.
+        A miss, or a cache that does not answer, sets up storing the answer instead."""
+        call_type = CALL_TYPES.get(self.endpoint)
+        if call_type not in self.gw.cache_settings.call_types:
+            return False
+        try:
+            c = controls({} if cache_body is None else {"cache": cache_body}, self.gw.cache_settings)
+        except ControlError as exc:
+            raise InvalidRequestError(str(exc), param="cache") from None
+        if not c.use:
+            return False
+        group = self.gw.registry.resolve(body["model"])[0].model_name
+        self.ctx.model_group = group
+        key = cache_key(call_type, group, body)
+        self.set_header("x-litellm-cache-key", key)
+        self.cache_plan = (key, c)
+        if c.write and self.ctx.stream:
+            self.assembler = StreamAssembler()
+        if not c.read:
+            return False
+        metrics = self.gw.metrics
+        try:
+            answer = decode_entry(await self.gw.cache.get(key, c.namespace), c.max_age)
+        except CacheUnavailable:
+            metrics.child(metrics.cache_errors, group).inc()
+            return False
+        if answer is None:
+            metrics.child(metrics.cache_misses, group).inc()
+            return False
+        metrics.child(metrics.cache_hits, group).inc()
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.answer_cached(fresh(answer), include_usage)
+        return True
+
+    def answer_cached(self, answer: dict, include_usage: bool) -> None:
+        """A hit: the stored answer as JSON, or replayed as an event stream; no provider call."""
+        self.ctx.cache_hit = True
+        self.ctx.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        self.set_header("x-litellm-cache-hit", "True")
+        self.set_header("x-litellm-model-group", self.ctx.requested_model)
+        if self.ctx.stream and answer.get("object") != "list":
+            self.start_event_stream()
+            self.write(b"".join(self.output.event(p) for p in replay_chunks(answer, include_usage))
+                       + self.output.end())
+            self.finish()
+            return
+        self.set_duration_headers()
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(answer))
+
+    def keep_answer(self, data: bytes | None) -> None:
+        """Note a complete answer (plain, or the assembled stream) to store once it has been sent."""
+        if self.cache_plan is None or not self.cache_plan[1].write:
+            return
+        if data is not None:
+            answer = event_object(data)
+        else:
+            answer = self.assembler.answer() if self.assembler is not None else None
+            if answer is not None and "usage" not in answer and self.ctx.usage:
+                answer["usage"] = self.ctx.usage
+        if answer is not None and storable(answer):
+            self.cache_answer = answer
+
+    async def store_in_cache(self, answer: dict) -> None:
+        key, c = self.cache_plan
+        data = encode_entry(answer)
+        if data is None:
+            return  # larger than cachekey.MAX_ENTRY_BYTES
+        try:
+            await self.gw.cache.set(key, c.namespace, data, c.ttl or self.gw.cache_settings.ttl)
+        except CacheUnavailable:
+            self.gw.metrics.child(self.gw.metrics.cache_errors, self.ctx.model_group).inc()
 
     async def call_with_fallbacks(self, body: dict) -> None:
         """The policy: the requested group with its retries, then (for an error that allows it)
@@ -255,7 +340,7 @@ class LLMHandler(BaseHandler):
             api_base=(d.public_api_base or None) if d is not None else None,
             user=key.user_id if key is not None else None, end_user=self.end_user,
             team_id=key.team_id if key is not None else None, status="success" if status < 400 else "failure",
-            metadata=self.request_metadata or {}, origin=self.gw.tenants.origin)
+            metadata=self.request_metadata or {}, cache_hit=self.ctx.cache_hit, origin=self.gw.tenants.origin)
         self.gw.spend.submit(event, urgent=used_up)  # a budget used up: the others learn it at once
 
     def record_success(self, d: Deployment) -> None:
@@ -322,12 +407,17 @@ class LLMHandler(BaseHandler):
             self.set_duration_headers()
             self.set_header("Content-Type", "application/json")
             self.finish(self.output.body(reply.body))
+            self.keep_answer(reply.body)
             return
         chunks, usage = provider.stream(d, endpoint, body)
         self.ctx.usage = usage
         self.start_event_stream()
         self.write(b"".join(self.output.event(c) for c in chunks) + self.output.end())
         self.finish()
+        if self.assembler is not None:
+            for c in chunks:
+                self.assembler.add(c)
+            self.keep_answer(None)
 
     async def relay(self, provider: Provider, d: Deployment, endpoint: str, body: dict, deadline: float) -> None:
         request = self.upstream_request(provider, d, endpoint, body, stream=False)
@@ -343,6 +433,7 @@ class LLMHandler(BaseHandler):
         self.set_duration_headers()
         self.set_header("Content-Type", "application/json")
         self.finish(self.output.body(response.body))
+        self.keep_answer(response.body)
 
     def start_event_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream")
@@ -360,6 +451,7 @@ class LLMHandler(BaseHandler):
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
         render = self.output.event
+        assembler = self.assembler = StreamAssembler() if self.assembler is not None else None  # this attempt's
         not_a_stream = False        # a 2xx that is not an event stream: its body is collected
         stopped: ProxyError | None = None  # why the gateway stopped the upstream itself
 
@@ -386,8 +478,12 @@ class LLMHandler(BaseHandler):
                 stop(UpstreamError(f"The provider sent a stream event larger than {exc.limit // 2**20} MB "
                                    "(a line that never ends?); the stream was stopped.", status=502))
                 return
-            out = [render(data) for event in events if state.error is None
-                   for data in provider.parse_event(endpoint, event.data, state)]
+            payloads = [data for event in events if state.error is None
+                        for data in provider.parse_event(endpoint, event.data, state)]
+            if assembler is not None:
+                for data in payloads:
+                    assembler.add(data)
+            out = [render(data) for data in payloads]
             if out:
                 if not self._headers_written:  # the first event: now the response is committed
                     self.ctx.first_token_s = time.monotonic() - transfer.started
@@ -432,6 +528,7 @@ class LLMHandler(BaseHandler):
                                 status=502)
         self.send(self.output.end())
         self.finish()
+        self.keep_answer(None)
 
     @staticmethod
     def non_stream_reply(provider: Provider, d: Deployment, transfer: Transfer) -> ProxyError:

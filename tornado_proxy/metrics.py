@@ -44,6 +44,12 @@ class Metrics:
                                            "their soft_budget (a warning; requests go on)", ["kind"], registry=r)
         self.spend_log_dropped = Counter("litellm_spend_log_dropped", "Spend-log events lost because neither "
                                          "PostgreSQL nor the spill file could take them", registry=r)
+        self.cache_hits = Counter("litellm_cache_hits_metric", "Requests answered from the response cache",
+                                  ["model"], registry=r)
+        self.cache_misses = Counter("litellm_cache_misses_metric", "Cache lookups that found no usable entry",
+                                    ["model"], registry=r)
+        self.cache_errors = Counter("litellm_cache_errors_metric", "Cache reads and writes skipped because the "
+                                    "cache (Redis) did not answer", ["model"], registry=r)
         # Labelled children, looked up once each. Bounded: routes come from routes.yaml and models
         # are only ever resolved model groups (never a client's unknown model name).
         self._children: dict[tuple, object] = {}

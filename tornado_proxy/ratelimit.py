@@ -476,15 +476,20 @@ def redis_client(settings):
     """A ``redis.asyncio`` client from ``router_settings`` / REDIS_* (None when not configured).
     Short timeouts and no retries: a slow Redis must not hold requests up; the table takes over."""
     url = settings.redis_url.reveal() if settings.redis_url else None
-    if not url and not settings.redis_host:
+    password = settings.redis_password.reveal() if settings.redis_password else None
+    return connect_redis(url, settings.redis_host, settings.redis_port, password, REDIS_TIMEOUT)
+
+
+def connect_redis(url: str | None, host: str | None, port: int, password: str | None, timeout: float):
+    """A ``redis.asyncio`` client with ``timeout`` for connecting and for each call, and no
+    retries (None when neither ``url`` nor ``host`` is given). It reconnects by itself."""
+    if not url and not host:
         return None
     import redis.asyncio  # local: only gateways with Redis configured load the client
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    options = dict(socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
-                   retry=Retry(NoBackoff(), 0))
+    options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
     if url:
         return redis.asyncio.Redis.from_url(url, **options)
-    password = settings.redis_password.reveal() if settings.redis_password else None
-    return redis.asyncio.Redis(host=settings.redis_host, port=settings.redis_port, password=password, **options)
+    return redis.asyncio.Redis(host=host, port=port, password=password, **options)
