@@ -356,13 +356,13 @@ def test_each_unsupported_setting_gets_its_own_line(runner, tmp_path):
     config = write(tmp_path, """\
 general_settings: {master_key: sk-x, alerting: [slack], some_new_thing: 1}
 router_settings: {routing_strategy: latency-based-routing, num_retries: 2, cache_responses: true}
-litellm_settings: {cache: true, success_callback: [langfuse], drop_params: true}
+litellm_settings: {cache: true, cache_params: {type: s3}, success_callback: [langfuse], drop_params: true}
 """)
     result = runner.invoke(cli, ["check", "-c", config])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("warning:")]
     expected = {
-        "litellm_settings.cache": "responses are not cached",
+        "litellm_settings.cache_params.type": "responses are NOT cached",
         "litellm_settings.success_callback": "callbacks",
         "general_settings.alerting": "no alerts are sent",
         "router_settings.cache_responses": "responses are not cached",
@@ -376,9 +376,9 @@ litellm_settings: {cache: true, success_callback: [langfuse], drop_params: true}
 
 async def test_unsupported_settings_are_announced_at_startup(gateway, caplog):
     with caplog.at_level("WARNING"):
-        await gateway("litellm_settings: {cache: true}\n")
-    assert any(r.getMessage() == "litellm_settings.cache: not implemented: responses are not cached"
-               for r in caplog.records)
+        await gateway("litellm_settings: {cache: true, cache_params: {type: s3}}\n")
+    assert any(r.getMessage() == "litellm_settings.cache_params.type: 's3' is not implemented by this gateway "
+               "(only local and redis): responses are NOT cached" for r in caplog.records)
 
 
 # --- 8. outside the checkout ------------------------------------------------------------------------
