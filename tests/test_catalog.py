@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import types
 
 import pytest
 
 from tornado_proxy import config as config_module
 from tornado_proxy.catalog import NOT_CONFIGURED, Catalog, storage_problem
+from tornado_proxy.db import Listener
 
 MASTER_KEY = "sk-catalog-master-1234"
 
@@ -113,7 +115,8 @@ async def test_storage_on_starts_disconnected_until_connected(tmp_path):
 
 
 class ListenConnection:
-    """Stands in for the aiopg connection ``Catalog._listen`` waits on: a notification queue."""
+    """Stands in for the aiopg connection whose ``Listener`` ``Catalog._listen`` waits on: a
+    notification queue."""
 
     closed = False
 
@@ -135,9 +138,9 @@ async def test_stop_ends_the_watcher_when_a_change_arrives_with_the_cancel(tmp_p
 
     catalog.refresh = refresh
     conn = ListenConnection()
-    catalog._watcher = asyncio.create_task(catalog._listen(conn))
+    catalog._watcher = asyncio.create_task(catalog._listen(Listener(conn)))
     await asyncio.sleep(0.05)  # the watcher is waiting for a notification
-    conn.notifies.put_nowait("proxy_models_changed")  # a change arrives ...
+    conn.notifies.put_nowait(types.SimpleNamespace(payload="INSERT"))  # a change arrives ...
     stop = asyncio.create_task(catalog.stop())  # ... in the same instant as the stop
     try:
         await asyncio.wait({stop}, timeout=10)  # (not wait_for: its own cancel would end the watcher)

@@ -146,13 +146,14 @@ class Catalog:
 
     async def watch(self) -> None:
         """LISTEN for changes; refresh on each, and fully every ``model_refresh_interval``."""
+        from .db import Listener  # here, not at import: without a database no process loads the driver
         backoff = 0.5
         while True:
             conn = None
             try:
                 if self.synced_generation != self.generation:
                     await self.connect()
-                conn = await self.store.db.listen()
+                conn = Listener(await self.store.db.listen())
                 await self.refresh()  # catch up on whatever changed while we were not listening
                 backoff = 0.5
                 await self._listen(conn)
@@ -170,10 +171,9 @@ class Catalog:
     async def _listen(self, conn) -> None:
         next_full = time.monotonic() + self.config.settings.model_refresh_interval
         while True:
-            if not await self.store.db.notified(conn, LISTEN_POLL) and time.monotonic() < next_full:
+            # a burst of changes comes as one set: one refresh
+            if not await conn.next(LISTEN_POLL) and time.monotonic() < next_full:
                 continue
-            while not conn.notifies.empty():  # coalesce a burst of changes into one refresh
-                conn.notifies.get_nowait()
             await self.refresh()
             next_full = time.monotonic() + self.config.settings.model_refresh_interval
 

@@ -225,41 +225,6 @@ class Database:
                 raise DatabaseUnavailable(describe(exc)) from None
             raise
 
-    @staticmethod
-    async def notified(conn: aiopg.Connection, timeout: float) -> bool:
-        """Whether a change notification came on a ``listen()`` connection within ``timeout``;
-        DatabaseUnavailable once the connection is lost."""
-        try:
-            await asyncio.wait_for(conn.notifies.get(), timeout)
-            return True
-        except psycopg2.Error as exc:  # aiopg's notification queue reports a lost connection
-            raise DatabaseUnavailable(describe(exc)) from None
-        except asyncio.TimeoutError:
-            if conn.closed:
-                raise DatabaseUnavailable("the listening connection was closed") from None
-            return False
-
-
-    @staticmethod
-    async def notifications(conn: aiopg.Connection, timeout: float) -> set[str]:
-        """The payloads of the notifications that came on a ``listen()`` connection within
-        ``timeout`` (a burst is taken whole); DatabaseUnavailable once the connection is lost."""
-        try:
-            first = await asyncio.wait_for(conn.notifies.get(), timeout)
-        except psycopg2.Error as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
-        except asyncio.TimeoutError:
-            if conn.closed:
-                raise DatabaseUnavailable("the listening connection was closed") from None
-            return set()
-        payloads = {first.payload}
-        try:
-            while not conn.notifies.empty():
-                payloads.add(conn.notifies.get_nowait().payload)
-        except psycopg2.Error as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
-        return payloads
-
 
 class Listener:
     """The notifications of a ``Database.listen()`` connection, awaited so that none is lost:
