@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 NOT_CONFIGURED = "Not connected"  # LiteLLM's readiness wording when no database is set
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"
-BACKOFF_MAX = 10.0
 LISTEN_POLL = 1.0  # how often a silent listener checks its connection is still alive
 
 
@@ -146,27 +145,12 @@ class Catalog:
 
     async def watch(self) -> None:
         """LISTEN for changes; refresh on each, and fully every ``model_refresh_interval``."""
-        from .db import Listener  # here, not at import: without a database no process loads the driver
-        backoff = 0.5
-        while True:
-            conn = None
-            try:
-                if self.synced_generation != self.generation:
-                    await self.connect()
-                conn = Listener(await self.store.db.listen())
-                await self.refresh()  # catch up on whatever changed while we were not listening
-                backoff = 0.5
-                await self._listen(conn)
-            except DatabaseUnavailable as exc:
-                self._lost(exc)
-            except Exception as exc:  # a bug here must not stop the watcher for good
-                log.exception("model watcher failed")
-                self._lost(exc)
-            finally:
-                if conn is not None:
-                    conn.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        from .db import CHANNEL, keep_listening  # here, not at import: without a database no process loads the driver
+
+        async def catch_up() -> None:
+            await (self.connect() if self.synced_generation != self.generation else self.refresh())
+
+        await keep_listening(self.store.db, CHANNEL, catch_up, self._listen, self._lost, "model")
 
     async def _listen(self, conn) -> None:
         next_full = time.monotonic() + self.config.settings.model_refresh_interval

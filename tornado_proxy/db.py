@@ -28,6 +28,7 @@ LOCK_ID = 0x7470_726F_7879  # pg_advisory_lock key shared by every gateway insta
 CHANNEL = "proxy_models_changed"
 MIGRATION_FILE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, asyncio.TimeoutError, OSError)
+BACKOFF_MAX = 10.0  # seconds between a watcher's reconnection attempts, at most
 
 
 def migrations(directory: Path) -> list[tuple[str, Path]]:
@@ -265,6 +266,32 @@ class Listener:
             self._read.cancel()
             self._read = None
         self.conn.close()
+
+
+async def keep_listening(db: Database, channel: str, catch_up, listen, lost, name: str) -> None:
+    """A memory kept current by LISTEN/NOTIFY, for ever: connect and LISTEN on ``channel``,
+    ``await catch_up()`` (whatever changed while nobody listened), then ``await listen(listener)``
+    until the connection fails. Then ``lost(exc)`` and try again, backing off exponentially.
+    Any other error (not migrated yet, a bug) is logged and retried the same way: the watcher
+    never dies."""
+    backoff = 0.5
+    while True:
+        listener = None
+        try:
+            listener = Listener(await db.listen(channel))
+            await catch_up()
+            backoff = 0.5
+            await listen(listener)
+        except DatabaseUnavailable as exc:
+            lost(exc)
+        except Exception as exc:
+            log.warning("%s watcher: %s", name, describe(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+            lost(exc)
+        finally:
+            if listener is not None:
+                listener.close()
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, BACKOFF_MAX)
 
 
 def describe(exc: BaseException) -> str:

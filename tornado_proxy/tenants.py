@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MAX = 10.0
 LISTEN_POLL = 1.0
 NEGATIVE_MAX = 10_000  # unknown keys remembered at most (oldest forgotten first)
 CONCURRENT_LOOKUPS = 4  # per worker: the most database lookups of unknown keys at once
@@ -263,26 +262,9 @@ class Tenants:
         self.connected = False
 
     async def watch(self) -> None:
-        from .db import Listener  # here, not at import: without a database no process loads the driver
+        from .db import keep_listening  # here, not at import: without a database no process loads the driver
 
-        backoff = 0.5
-        while True:
-            conn = None
-            try:
-                conn = Listener(await self.store.db.listen(CHANNEL))
-                await self.refresh()  # whatever changed while nobody listened
-                backoff = 0.5
-                await self._listen(conn)
-            except DatabaseUnavailable as exc:
-                self._lost(exc)
-            except Exception as exc:  # not migrated yet, or a bug: keep trying, never die
-                log.warning("key store watcher: %s", type(exc).__name__)
-                self._lost(exc)
-            finally:
-                if conn is not None:
-                    conn.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        await keep_listening(self.store.db, CHANNEL, self.refresh, self._listen, self._lost, "key store")
 
     async def _listen(self, conn: Listener) -> None:
         next_full = time.monotonic() + self.settings.user_api_key_cache_ttl
