@@ -443,3 +443,22 @@ async def test_enable_health_check_routing_false_routes_as_without_checks(gatewa
     await report_where(fetch, gw, lambda b: unhealthy_ids(b) == {"dep-b"})
     used = {(await fetch(gw, "/v1/chat/completions", CHAT)).headers["x-litellm-model-id"] for _ in range(40)}
     assert used == {"dep-a", "dep-b"}
+
+
+async def test_retry_policy_sets_retries_per_error_kind(gateway, fetch, fake_openai):
+    policy = ("  num_retries: 3\n  retry_policy: {RateLimitErrorRetries: 0, BadRequestErrorRetries: 1}\n"
+              "  model_group_retry_policy: {other: {InternalServerErrorRetries: 1}}\n")
+    gw = await gateway(config(deployment("pair", fake_openai.base, "dep-a"), deployment("other", fake_openai.base,
+                                                                                        "dep-o"), router=policy))
+    fake_openai.fail_times, fake_openai.fail_status, fake_openai.retry_after = 10, 429, "0"
+    r = await fetch(gw, "/v1/chat/completions", CHAT)
+    assert r.code == 429 and len(fake_openai.received) == 1  # RateLimitErrorRetries: 0
+    fake_openai.received.clear()
+    fake_openai.fail_times, fake_openai.fail_status = 1, 400
+    r = await fetch(gw, "/v1/chat/completions", CHAT)
+    assert r.code == 200 and len(fake_openai.received) == 2  # a 400 retried once, as the policy says
+    assert r.headers["x-litellm-attempted-retries"] == "1"
+    fake_openai.received.clear()
+    fake_openai.fail_times, fake_openai.fail_status = 10, 500
+    r = await fetch(gw, "/v1/chat/completions", {**CHAT, "model": "other"})
+    assert r.code == 500 and len(fake_openai.received) == 2  # the group's policy: 1 retry, not num_retries 3

@@ -392,3 +392,37 @@ def test_unhealthy_ones_are_skipped_within_order_tiers_and_before_failed_ones():
     assert router.plan(group, unhealthy={"primary"}) == [group[1]]
     # the only healthy one failed in this call: it is tried again rather than the unhealthy one
     assert router.pick(group, failed={"backup"}, unhealthy={"primary"}).id == "backup"
+
+
+def test_retry_policy_sets_retries_per_error_kind_and_group():
+    settings = RouterSettings.parse({
+        "num_retries": 2,
+        "retry_policy": {"BadRequestErrorRetries": 1, "RateLimitErrorRetries": 5, "TimeoutErrorRetries": 0},
+        "model_group_retry_policy": {"strict": {"RateLimitErrorRetries": 0, "InternalServerErrorRetries": 4}}})
+    router = Router(settings)
+    rate, server = upstream_error(429, "slow"), upstream_error(500, "boom")
+    bad, auth = InvalidRequestError("bad"), upstream_error(401, "no")
+    timeout = UpstreamError("Timeout", status=408)
+    assert router.retries_for("any", rate, 2) == 5
+    assert router.retries_for("any", timeout, 2) == 0
+    assert router.retries_for("any", bad, 2) == 1          # a policy may retry a 400, as LiteLLM's
+    assert router.retries_for("any", server, 3) == 3       # not in the policy: num_retries
+    assert router.retries_for("any", auth, 3) == 0         # not in the policy, not retryable
+    assert router.retries_for("strict", rate, 2) == 0      # the group's policy first
+    assert router.retries_for("strict", server, 2) == 4
+    assert router.retries_for("strict", bad, 2) == 1       # then the global one
+    policy_error = InvalidRequestError("blocked by the content filter")
+    assert Router(RouterSettings.parse({"retry_policy": {"ContentPolicyViolationErrorRetries": 2}})) \
+        .retries_for("g", policy_error, 0) == 2
+
+
+@pytest.mark.parametrize("router_settings, message", [
+    ({"retry_policy": {"NoSuchRetries": 1}}, "router_settings.retry_policy.NoSuchRetries: not a retry policy"),
+    ({"retry_policy": {"RateLimitErrorRetries": -1}}, "router_settings.retry_policy.RateLimitErrorRetries"),
+    ({"retry_policy": ["x"]}, "router_settings.retry_policy: expected a mapping"),
+    ({"model_group_retry_policy": {"g": {"TimeoutErrorRetries": "3"}}},
+     "router_settings.model_group_retry_policy.g.TimeoutErrorRetries"),
+])
+def test_retry_policy_errors_name_the_key(router_settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RouterSettings.parse(router_settings)

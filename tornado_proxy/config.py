@@ -516,18 +516,15 @@ UNSUPPORTED: Mapping[str, str] = {
     "general_settings.custom_auth": "custom auth is not run: only the master key is accepted",
     "general_settings.max_parallel_requests": "no limit on parallel requests",
     "general_settings.global_max_parallel_requests": "no limit on parallel requests",
-    "router_settings.retry_policy": "per-error retry counts are not read: num_retries applies to every "
-                                    "retryable error (408, 429, 5xx, timeouts, connection errors)",
     "router_settings.cache_responses": "responses are not cached",
     "router_settings.enable_pre_call_checks": "no context-window pre-call checks",
-    "router_settings.model_group_retry_policy": "per-group retry policies are not read: num_retries applies",
 }
 ROUTING_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing-v2",
                       "cost-based-routing")  # router.py
 # router_settings / litellm_settings keys router.RouterSettings reads (beyond the SETTINGS table).
 ROUTER_KEYS = ("routing_strategy", "routing_strategy_args", "num_retries", "allowed_fails", "cooldown_time",
                "retry_after", "max_fallbacks", "fallbacks", "context_window_fallbacks", "content_policy_fallbacks",
-               "default_fallbacks", "model_group_alias")
+               "default_fallbacks", "model_group_alias", "retry_policy", "model_group_retry_policy")
 LITELLM_ROUTER_KEYS = ("num_retries", "request_timeout", "fallbacks", "context_window_fallbacks",
                        "content_policy_fallbacks", "default_fallbacks")
 LITELLM_CACHE_KEYS = ("cache", "cache_params")  # cachekey.CacheSettings reads them

@@ -22,7 +22,7 @@ from .providers import PROVIDERS
 from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest, event_object
 from .registry import check_model_name
-from .router import NoDeploymentAvailable, fallback_kind, is_retryable
+from .router import NoDeploymentAvailable, fallback_kind
 from .spend import SpendEvent, cost_of, tokens
 from .sse import DONE, EventTooLargeError, format_event
 from .upstream import Transfer
@@ -239,13 +239,15 @@ class LLMHandler(BaseHandler):
 
     async def call_group(self, deployments: Sequence[Deployment], body: dict, retries: int,
                          deadline: float) -> ProxyError | None:
-        """Up to ``1 + retries`` attempts on one model group, each on the deployment the router
-        picks (one that has not failed in this call, while there is one). None once an attempt
-        answered the client (or the client left); else the error to fall back on or answer."""
+        """Attempts on one model group, each on the deployment the router picks (one that has
+        not failed in this call, while there is one): up to ``1 + retries`` for a retryable
+        error, or what the retry policy says for the error's kind. None once an attempt answered
+        the client (or the client left); else the error to fall back on or answer."""
         router, failed = self.gw.router, set()
         # what the background health check found (memory only; empty when checks are off)
         unhealthy = self.gw.unhealthy_deployment_ids() if self.gw.settings.enable_health_check_routing else ()
-        for retry in range(retries + 1):
+        retry = 0
+        while True:
             try:
                 d = router.pick(deployments, failed, unhealthy)
                 await self.attempt(d, body, deadline)
@@ -258,7 +260,7 @@ class LLMHandler(BaseHandler):
                 return None
             router.failed(d, len(deployments), error)
             failed.add(d.id)
-            if not is_retryable(error) or retry == retries:
+            if retry >= router.retries_for(d.model_name, error, retries):
                 return error
             wait = router.retry_delay(retry, error, any(x.id not in failed for x in deployments))
             if time.perf_counter() + wait >= deadline:
@@ -269,7 +271,7 @@ class LLMHandler(BaseHandler):
             if self.client_gone:
                 return None
             self.ctx.retries += 1
-        return error
+            retry += 1
 
     async def attempt(self, d: Deployment, body: dict, deadline: float) -> None:
         """One call to one deployment. Raises a ProxyError when it failed before anything

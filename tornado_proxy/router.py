@@ -31,6 +31,8 @@ DEFAULT_MAX_FALLBACKS = 5
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 JITTER = 0.75
+RETRY_POLICY_FIELDS = ("BadRequestErrorRetries", "AuthenticationErrorRetries", "TimeoutErrorRetries",
+                       "RateLimitErrorRetries", "ContentPolicyViolationErrorRetries", "InternalServerErrorRetries")
 MAX_HONOURED_RETRY_AFTER = 60.0  # a longer Retry-After is not waited for
 UNLIMITED = 1 << 30
 
@@ -53,6 +55,8 @@ class RouterSettings:
     context_window_fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     content_policy_fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     default_fallbacks: tuple[str, ...] = ()
+    retry_policy: Mapping[str, int] = field(default_factory=dict)  # RETRY_POLICY_FIELDS -> retries
+    model_group_retry_policy: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, router: Mapping[str, Any], litellm: Mapping[str, Any] | None = None) -> "RouterSettings":
@@ -83,7 +87,12 @@ class RouterSettings:
             fallbacks=fallback_map(pick("fallbacks"), "fallbacks"),
             context_window_fallbacks=fallback_map(pick("context_window_fallbacks"), "context_window_fallbacks"),
             content_policy_fallbacks=fallback_map(pick("content_policy_fallbacks"), "content_policy_fallbacks"),
-            default_fallbacks=group_list(pick("default_fallbacks"), "router_settings.default_fallbacks"))
+            default_fallbacks=group_list(pick("default_fallbacks"), "router_settings.default_fallbacks"),
+            retry_policy=retry_policy(pick("retry_policy"), "router_settings.retry_policy"),
+            model_group_retry_policy={
+                str(group): retry_policy(policy, f"router_settings.model_group_retry_policy.{group}")
+                for group, policy in mapping(pick("model_group_retry_policy"),
+                                             "router_settings.model_group_retry_policy").items()})
 
 
 def number(value: Any, default: float, where: str) -> float:
@@ -108,6 +117,28 @@ def group_list(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    return value
+
+
+def retry_policy(value: Any, where: str) -> dict[str, int]:
+    """LiteLLM's ``RetryPolicy``: ``{"TimeoutErrorRetries": 3, "BadRequestErrorRetries": 0, ...}``."""
+    out = {}
+    for name, count in mapping(value, where).items():
+        if name not in RETRY_POLICY_FIELDS:
+            raise ConfigError(f"{where}.{name}: not a retry policy field; use one of {', '.join(RETRY_POLICY_FIELDS)}")
+        if count is None:
+            continue
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigError(f"{where}.{name}: expected a non-negative integer, got {count!r}")
+        out[name] = count
+    return out
+
+
 def fallback_map(value: Any, name: str) -> dict[str, tuple[str, ...]]:
     """LiteLLM's ``[{"group": ["other", ...]}, ...]`` (a plain mapping is taken too)."""
     if value is None:
@@ -129,6 +160,22 @@ def is_retryable(error: ProxyError) -> bool:
     """408, 429, 5xx, timeouts, connection errors and invalid 2xx answers (502s the gateway
     raises): worth another attempt. Other 4xx never are."""
     return error.status in (408, 429) or error.status >= 500
+
+
+def policy_field(error: ProxyError) -> str:
+    """The ``RetryPolicy`` field that sets the retries for this error, as LiteLLM maps its
+    exception classes."""
+    if error.status == 400:
+        if CONTENT_POLICY.search(error.message) or error.type == "content_policy_violation":
+            return "ContentPolicyViolationErrorRetries"
+        return "BadRequestErrorRetries"
+    if error.status == 401:
+        return "AuthenticationErrorRetries"
+    if error.status == 408:  # timeouts included
+        return "TimeoutErrorRetries"
+    if error.status == 429:
+        return "RateLimitErrorRetries"
+    return "InternalServerErrorRetries" if error.status >= 500 else ""
 
 
 def fallback_kind(error: ProxyError) -> str | None:
@@ -293,6 +340,16 @@ class Router:
         fails = self.counters.add_failure(d.id)
         if error.status == 429 or fails > self.settings.allowed_fails:
             self.counters.cool_down(d.id, self.settings.cooldown_time)
+
+    def retries_for(self, group: str, error: ProxyError, default: int) -> int:
+        """How many retries an error of this kind gets in ``group``: the group's retry policy,
+        else ``retry_policy``, when it names the error's kind (it may retry a 400 or 401, as
+        LiteLLM's does); else ``default`` for a retryable error and none for the others."""
+        name = policy_field(error)
+        for policy in (self.settings.model_group_retry_policy.get(group), self.settings.retry_policy):
+            if policy and name in policy:
+                return policy[name]
+        return default if is_retryable(error) else 0
 
     def retry_delay(self, retries_done: int, error: ProxyError, another_deployment: bool) -> float:
         """Seconds to wait before the next attempt: only ``retry_after`` when it goes to another
