@@ -1,15 +1,17 @@
 """The Redis response cache going away mid-traffic: a throwaway ``redis-server`` is killed
 (SIGKILL) while requests are in flight, every request is still answered by the fake provider,
 the cache-error metric counts the skipped reads and writes, and once Redis is started again on
-the same port the gateway uses it again by itself."""
+the same port the gateway uses it again by itself. And the skipping after a failure, alone."""
 
 import asyncio
 import re
 import time
 
 import orjson
+import pytest
 import redis
 
+from tornado_proxy.cache import CacheUnavailable, RedisCache
 from tests.conftest import ThrowawayRedis, free_port, wait_for
 from tests.test_e2e_cache import CHAT, ask, config
 
@@ -96,3 +98,34 @@ async def run_outage(gateway, fetch, fake_openai, server):
     assert hit is not None, "the gateway did not use Redis again after it came back"
     assert orjson.loads(hit.body)["choices"][0]["message"]["content"] == "echo: after restart"
     assert is_hit(await timed("after restart"))
+
+
+class HeldClient:
+    """Stands in for the ``redis.asyncio`` client in a test of the skipping logic alone: each
+    ``get`` waits until the test answers it."""
+
+    def __init__(self):
+        self.pending: list[asyncio.Future] = []
+
+    async def get(self, name):
+        answer = asyncio.get_running_loop().create_future()
+        self.pending.append(answer)
+        return await answer
+
+
+async def test_a_call_answered_after_a_timeout_ends_the_skipping():
+    client = HeldClient()
+    cache = RedisCache(client, timeout=0.05)
+    slow = asyncio.create_task(cache.get("k", None))  # this one times out
+    await wait_for(lambda: len(client.pending) == 1)
+    cache.timeout = 30.0
+    answered = asyncio.create_task(cache.get("k", None))  # under way when the first one fails
+    await wait_for(lambda: len(client.pending) == 2)
+    with pytest.raises(CacheUnavailable):
+        await slow
+    assert not cache.usable()
+    with pytest.raises(CacheUnavailable):
+        await cache.get("k", None)  # new calls are skipped
+    client.pending[1].set_result(b"v")
+    assert await answered == b"v"
+    assert cache.usable()  # Redis answered: no waiting out REDIS_CACHE_RETRY
