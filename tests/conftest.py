@@ -117,37 +117,67 @@ def empty_pg_dsn(pg_server):
     admin_sql(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real Redis: the one on 127.0.0.1:6379, else a throwaway ``redis-server`` on a free port."""
-    def answers(url: str) -> bool:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
-    if answers("redis://127.0.0.1:6379/0"):
-        yield "redis://127.0.0.1:6379/0"
-        return
+
+def free_port() -> int:
     sock = bind_sockets(0, "127.0.0.1")[0]
     port = sock.getsockname()[1]
     sock.close()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        for _ in range(100):
-            if answers(url) or server.poll() is not None:
+    return port
+
+
+class ThrowawayRedis:
+    """A ``redis-server`` of the test's own (no persistence) on ``port``: started, killed and
+    started again on the same port, for tests of what the gateway does when Redis goes away."""
+
+    def __init__(self, port: int, directory: str | None = None):
+        self.port, self.directory = port, directory
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.directory:
+            args += ["--dir", str(self.directory)]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        for _ in range(200):
+            if redis_answers(self.url) or self.process.poll() is not None:
                 break
             time.sleep(0.05)
-        assert answers(url), "redis-server did not start"
-        yield url
+        assert redis_answers(self.url), "redis-server did not start"
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, connections just drop."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis: the one on 127.0.0.1:6379, else a throwaway ``redis-server`` on a free port."""
+    if redis_answers("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    server = ThrowawayRedis(free_port())
+    try:
+        server.start()
+        yield server.url
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
 
 
 @pytest.fixture

@@ -72,8 +72,10 @@ class CacheUnavailable(Exception):
 class RedisCache:
     """Entries shared by every worker and instance using one Redis. A failed or slow call is
     logged once per outage and raises ``CacheUnavailable`` (the caller counts it and goes on);
-    calls are skipped until, after ``REDIS_CACHE_RETRY``
-    seconds the next request tries again (the client reconnects by itself)."""
+    new calls are then skipped for ``REDIS_CACHE_RETRY`` seconds, after which the next request
+    tries again (the client reconnects by itself). A call already under way that succeeds ends
+    the skipping at once: one slow answer among many concurrent ones does not turn the cache off
+    for seconds while Redis is answering."""
 
     kind = "redis"
 
@@ -93,6 +95,7 @@ class RedisCache:
                         "%g s)", type(exc).__name__, REDIS_CACHE_RETRY)
 
     def recovered(self) -> None:
+        self.down_until = 0.0
         if self.logged:
             self.logged = False
             log.info("Redis answers again: the response cache is back")
@@ -145,7 +148,6 @@ class RedisCache:
             await asyncio.wait_for(self.client.ping(), self.timeout * 5)
         except Exception as exc:
             raise CacheUnavailable(f"Redis did not answer ({type(exc).__name__})") from None
-        self.down_until = 0.0
         self.recovered()
 
     async def close(self) -> None:

@@ -17,7 +17,9 @@ from .config import ConfigError
 CACHE_TYPES = ("local", "redis")
 OTHER_TYPES = ("redis-semantic", "qdrant-semantic", "s3", "gcs", "azure-blob", "disk")
 MODES = ("default_on", "default_off")
-CALL_TYPES = ("acompletion", "atext_completion", "aembedding")
+# LiteLLM's call type names: /chat/completions, /completions, /embeddings, /v1/messages
+CALL_TYPES = ("acompletion", "atext_completion", "aembedding", "anthropic_messages")
+CALL_TYPE_ALIASES = {"aanthropic_messages": "anthropic_messages"}  # LiteLLM accepts both for /v1/messages
 DEFAULT_TTL = 600.0
 DEFAULT_LOCAL_SIZE = 1000
 MAX_ENTRY_BYTES = 1024 * 1024  # an answer larger than this is not stored
@@ -64,9 +66,10 @@ class CacheSettings:
         if types is None:
             call_types = frozenset(CALL_TYPES)
         elif isinstance(types, list) and all(isinstance(t, str) for t in types):
-            call_types = frozenset(t for t in types if t in CALL_TYPES)
+            named = [CALL_TYPE_ALIASES.get(t, t) for t in types]
+            call_types = frozenset(t for t in named if t in CALL_TYPES)
             warnings += [f"{where}.supported_call_types: {t!r} is not cached by this gateway (it caches "
-                         f"{', '.join(CALL_TYPES)})" for t in types if t not in CALL_TYPES]
+                         f"{', '.join(CALL_TYPES)})" for t in named if t not in CALL_TYPES]
         else:
             raise ConfigError(f"{where}.supported_call_types: expected a list of call type names")
         return cls(type=kind, host=optional_str(params.get("host")), port=number(params, "port", int),

@@ -1,12 +1,11 @@
 """The LLM endpoints: ``LLMHandler`` (the retry/fallback policy, one attempt, the plain and
-streamed relays, spend and rate-limit accounting) and its subclasses for chat, completions,
-embeddings and the Anthropic Messages API."""
+streamed relays, the response cache, spend and rate-limit accounting) and its subclasses for
+chat, completions and embeddings (the Anthropic Messages API is in ``messages.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import Sequence
@@ -19,7 +18,6 @@ from .cachekey import (ControlError, Controls, StreamAssembler, cache_key, contr
 from .budget import budget_used_up, check_budgets, soft_budget_crossings
 from .errors import InvalidRequestError, ProxyError, UpstreamConnectionError, UpstreamError, UpstreamTimeoutError
 from .providers import PROVIDERS
-from .providers.anthropic_format import PassThroughOutput, TranslatedOutput, to_openai_request
 from .providers.base import Deployment, Provider, StreamState, UpstreamReply, UpstreamRequest, event_object
 from .registry import check_model_name
 from .router import NoDeploymentAvailable, fallback_kind
@@ -115,7 +113,8 @@ class LLMHandler(BaseHandler):
     end_user: str | None = None    # the body's ``user``, for the spend log
     request_metadata: dict | None = None
     cache_plan: tuple[str, Controls] | None = None  # (key, controls) of a request that takes part in caching
-    assembler: StreamAssembler | None = None        # a streamed answer being assembled to store
+    assembling = False                              # a streamed answer is to be assembled and stored
+    assembler: StreamAssembler | None = None        # this attempt's assembler (see new_assembler)
     cache_answer: dict | None = None                 # the complete answer, once there is one to store
 
     async def post(self, **_path) -> None:
@@ -151,8 +150,7 @@ class LLMHandler(BaseHandler):
         key = cache_key(call_type, group, body)
         self.set_header("x-litellm-cache-key", key)
         self.cache_plan = (key, c)
-        if c.write and self.ctx.stream:
-            self.assembler = StreamAssembler()
+        self.assembling = c.write and self.ctx.stream
         if not c.read:
             return False
         metrics = self.gw.metrics
@@ -165,25 +163,45 @@ class LLMHandler(BaseHandler):
             metrics.child(metrics.cache_misses, group).inc()
             return False
         metrics.child(metrics.cache_hits, group).inc()
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.answer_cached(fresh(answer), include_usage)
+        self.answer_cached(self.fresh_answer(answer), body)
         return True
 
-    def answer_cached(self, answer: dict, include_usage: bool) -> None:
+    def answer_cached(self, answer: dict, body: dict) -> None:
         """A hit: the stored answer as JSON, or replayed as an event stream; no provider call."""
         self.ctx.cache_hit = True
-        self.ctx.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        self.ctx.usage = self.cached_usage(answer)
         self.set_header("x-litellm-cache-hit", "True")
         self.set_header("x-litellm-model-group", self.ctx.requested_model)
         if self.ctx.stream and answer.get("object") != "list":
             self.start_event_stream()
-            self.write(b"".join(self.output.event(p) for p in replay_chunks(answer, include_usage))
-                       + self.output.end())
+            self.write(self.replay(answer, body))
             self.finish()
             return
         self.set_duration_headers()
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(answer))
+
+    # How entries look: OpenAI-shaped here; MessagesHandler keeps Anthropic messages instead.
+
+    @staticmethod
+    def fresh_answer(answer: dict) -> dict:
+        return fresh(answer)
+
+    @staticmethod
+    def cached_usage(answer: dict) -> dict | None:
+        return answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+
+    def replay(self, answer: dict, body: dict) -> bytes:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return b"".join(self.output.event(p) for p in replay_chunks(answer, include_usage)) + self.output.end()
+
+    def new_assembler(self):
+        """What assembles this attempt's stream into one answer (fed the provider's payloads)."""
+        return StreamAssembler()
+
+    def cache_entry(self, answer: dict) -> dict | None:
+        """What is stored for a complete answer (None: it is not kept)."""
+        return answer if storable(answer) else None
 
     def keep_answer(self, data: bytes | None) -> None:
         """Note a complete answer (plain, or the assembled stream) to store once it has been sent."""
@@ -195,8 +213,8 @@ class LLMHandler(BaseHandler):
             answer = self.assembler.answer() if self.assembler is not None else None
             if answer is not None and "usage" not in answer and self.ctx.usage:
                 answer["usage"] = self.ctx.usage
-        if answer is not None and storable(answer):
-            self.cache_answer = answer
+        if answer is not None:
+            self.cache_answer = self.cache_entry(answer)
 
     async def store_in_cache(self, answer: dict) -> None:
         key, c = self.cache_plan
@@ -416,7 +434,8 @@ class LLMHandler(BaseHandler):
         self.start_event_stream()
         self.write(b"".join(self.output.event(c) for c in chunks) + self.output.end())
         self.finish()
-        if self.assembler is not None:
+        if self.assembling:
+            self.assembler = self.new_assembler()
             for c in chunks:
                 self.assembler.add(c)
             self.keep_answer(None)
@@ -453,7 +472,7 @@ class LLMHandler(BaseHandler):
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
         render = self.output.event
-        assembler = self.assembler = StreamAssembler() if self.assembler is not None else None  # this attempt's
+        assembler = self.assembler = self.new_assembler() if self.assembling else None  # this attempt's
         not_a_stream = False        # a 2xx that is not an event stream: its body is collected
         stopped: ProxyError | None = None  # why the gateway stopped the upstream itself
 
@@ -588,69 +607,8 @@ class EmbeddingsHandler(LLMHandler):
     streams = False
 
 
-class MessagesHandler(LLMHandler):
-    """``POST /v1/messages``: the Anthropic Messages API for every model. ``anthropic/`` models
-    get the body as it came (model rewritten) and their reply or event stream goes back as is;
-    any other model is called with the OpenAI translation of the request and its answer is
-    rewritten as an Anthropic message or event stream. Errors are in Anthropic's shape."""
-
-    endpoint = "messages"
-    # What a pass-through call takes from the client: the body is in the client's API version.
-    FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
-
-    def translate(self, provider: Provider, body: dict) -> tuple[str, dict]:
-        if self.endpoint in provider.passthrough_endpoints:
-            self.output = PassThroughOutput
-            return self.endpoint, body
-        self.output = TranslatedOutput(body["model"])
-        return "chat", to_openai_request(body)
-
-    def upstream_request(self, provider: Provider, d: Deployment, endpoint: str, body: dict,
-                         stream: bool) -> UpstreamRequest:
-        request = super().upstream_request(provider, d, endpoint, body, stream)
-        if endpoint not in provider.passthrough_endpoints:
-            return request
-        headers = self.request.headers
-        forwarded = {name: headers[name] for name in self.FORWARDED_HEADERS if name in headers}
-        return dataclasses.replace(request, headers={**request.headers, **forwarded}) if forwarded else request
-
-    def error_body(self, error: ProxyError) -> bytes:
-        return orjson.dumps(error.to_anthropic_body())
-
-
-class MessagesCountTokensHandler(MessagesHandler):
-    """``POST /v1/messages/count_tokens``: asked of Anthropic for ``anthropic/`` models, counted
-    in-process where the provider's own count is known (``mock/``), and otherwise a 400: a
-    tokenizer guess for another vendor's model would be a made-up number."""
-
-    endpoint = "count_tokens"
-    streams = False
-    logs_spend = False
-
-    async def post(self, **_path) -> None:
-        body = self.json_body()
-        d = self.deployment_for(body)
-        provider = PROVIDERS[d.provider]
-        self.set_model_headers(d)
-        if self.endpoint in provider.passthrough_endpoints:
-            self.output = PassThroughOutput
-            with naming_deployment(d, self.ctx.call_id):
-                await self.relay(provider, d, self.endpoint, body, self.ctx.started + self.gw.settings.timeout)
-            return
-        tokens = provider.count_tokens(d, to_openai_request(body))
-        if tokens is None:
-            raise InvalidRequestError(
-                f"count_tokens is not available for model={body['model']}: its provider '{d.provider}' has no "
-                "token-counting API and the gateway does not guess. It is answered for anthropic/ and mock/ "
-                "models.", param="model")
-        self.set_duration_headers()
-        self.write_json({"input_tokens": tokens})
-
-
 HANDLERS = {
     "chat_completions": ChatCompletionsHandler,
     "completions": CompletionsHandler,
     "embeddings": EmbeddingsHandler,
-    "messages": MessagesHandler,
-    "messages_count_tokens": MessagesCountTokensHandler,
 }

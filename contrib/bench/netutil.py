@@ -1,4 +1,4 @@
-"""Loopback ports: pick a free one, wait until a server listens on one."""
+"""Loopback ports: pick a free one, wait until a server listens on one, see whether a Redis answers."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listens on port {port} after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def redis_answers(port: int = 6379) -> bool:
+    """Whether a Redis on loopback ``port`` answers PING (without a password)."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loadgen import LoadResult
 from proctree import ProcessUsage, workers
+from servers import CACHE, NOCACHE
 
 DIRECT = "direct"
 
@@ -103,6 +104,49 @@ def summarise(points: list[Point]) -> list[Row]:
             for (u, c, _), row in rows.items()]
 
 
+@dataclass(frozen=True)
+class CacheComparison:
+    """The cache-hit scenario for one cached gateway: its rows against the uncached gateway
+    with the same worker count (same request, upstream and concurrency, same run)."""
+
+    target: str    # "gateway-cache-w1" (local) or "gateway-rcache-w1" (redis)
+    baseline: str  # "gateway-w1"
+    concurrency: int
+    cached_rps: float
+    cached_p50_ms: float
+    uncached_rps: float
+    uncached_p50_ms: float
+    rps_ratio: float | None   # cached / uncached
+    p50_ratio: float | None   # uncached / cached: how many times lower the hit's median latency is
+    upstream_received: int    # what reached the upstream during the cached runs (misses)
+    errors: int               # both sides
+
+
+def cache_comparisons(rows: list[Row]) -> list[CacheComparison]:
+    out = []
+    for r in rows:
+        if r.upstream != CACHE:
+            continue
+        baseline = "gateway-w" + r.target.rsplit("-w", 1)[1]
+        base = next((b for b in rows if (b.upstream, b.concurrency, b.target) == (NOCACHE, r.concurrency, baseline)),
+                    None)
+        if base is None:
+            continue
+        out.append(CacheComparison(r.target, baseline, r.concurrency, r.rps, r.p50_ms, base.rps, base.p50_ms,
+                                   r.rps / base.rps if base.rps else None,
+                                   base.p50_ms / r.p50_ms if r.p50_ms else None, r.received, r.errors + base.errors))
+    return out
+
+
+def cache_table(comparisons: list[CacheComparison]) -> str:
+    headers = ["cached gateway", "vs", "conc", "uncached req/s", "p50 ms", "hits req/s", "p50 ms", "req/s ratio",
+               "p50 ratio", "upstream got", "errors"]
+    lines = [[c.target, c.baseline, str(c.concurrency), fmt(c.uncached_rps, ".0f"), fmt(c.uncached_p50_ms, ".2f"),
+              fmt(c.cached_rps, ".0f"), fmt(c.cached_p50_ms, ".2f"), fmt(c.rps_ratio, ".1f") + "x",
+              fmt(c.p50_ratio, ".1f") + "x", str(c.upstream_received), str(c.errors)] for c in comparisons]
+    return table(headers, lines, left=(0, 1))
+
+
 def memory_report(target: str, phase: str, processes: list[ProcessUsage]) -> MemoryReport:
     peaks = [m.peak_kb / 1024 for m in workers(processes)]
     return MemoryReport(target, phase, processes, peaks, sum(peaks),
@@ -134,7 +178,7 @@ def load_table(rows: list[Row]) -> str:
         ok = r.requests - r.errors
         lines.append([r.upstream, str(r.concurrency), r.target, fmt(r.rps, ".0f"), fmt(r.p50_ms, ".2f"),
                       fmt(r.p99_ms, ".2f"), str(r.errors),
-                      f"{r.received}/{ok}" + (" SHORT" if r.short_circuited else ""),
+                      f"{r.received}/{ok}" + (" SHORT" if r.short_circuited and r.upstream != CACHE else ""),
                       fmt(r.vs_direct, ".3f"), fmt(r.added_p50_ms, "+.2f"), fmt(r.added_p99_ms, "+.2f"),
                       fmt(r.vs_bare, ".2f"), fmt(r.cpu_per_1k, ".3f"), f"{r.other_cpu:.0%}"])
     return table(headers, lines, left=(0, 2))

@@ -2,7 +2,7 @@
 (``--compare litellm``) the LiteLLM proxy, on loopback upstreams that count what they receive.
 
     .venv/bin/python contrib/bench/run.py [--workers 1,2] [--rounds 2] [--duration 8]
-        [--concurrency 1,16,64] [--compare litellm] [--quick] [--soak]
+        [--concurrency 1,16,64] [--compare litellm] [--quick] [--soak] [--scenarios cache,...]
 
 Prints the tables and issue 5's targets (PASS/MISS) and writes contrib/bench/results/<UTC>.json.
 """
@@ -17,6 +17,7 @@ import resource
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import deps
@@ -27,13 +28,18 @@ import servers
 import soak
 import streams
 import targets
+from netutil import LOOPBACK, redis_answers
 from proctree import cpu_delta, cpu_seconds, machine_busy_seconds, reset_peaks, tree_cpu, tree_usage
-from upstreams import CHAT_PATH, Upstream, Upstreams, UpstreamSpec, settle
+from upstreams import CHAT_PATH, Upstream, Upstreams, UpstreamSpec, quiesce, settle
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 PROXYCTL = Path(sys.executable).parent / "proxyctl"
 NOISY = 0.10  # other processes' CPU share (of one core) above which a run is flagged
+# What a run measures (--scenarios picks some): the load points on the instant and slow upstreams
+# (direct, every target), the router's two-deployment group, the virtual key + spend log, cache
+# hits against the uncached gateway, and the streaming tests.
+SCENARIOS = ("load", "pair", "vkey", "cache", "streams")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +58,19 @@ class Plan:
     soak: bool
     soak_duration_s: float
     soak_interval_s: float
+    scenarios: tuple[str, ...] = SCENARIOS
 
 
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def scenario_list(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"scenarios are {', '.join(SCENARIOS)}; got {text!r}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=500, help="concurrent streams in the burst (default 500)")
     p.add_argument("--stall", type=float, default=1.0, help="a gap between events longer than this "
                                                             "(seconds) is a stall (default 1)")
+    p.add_argument("--scenarios", type=scenario_list, default=SCENARIOS,
+                   help=f"comma-separated, a subset of {','.join(SCENARIOS)} (default: all); e.g. "
+                        "--quick --scenarios cache runs only the cache-hit comparison")
     p.add_argument("--log-level", default="INFO", help="gateway log level; INFO keeps the request log on, "
                                                        "written to a file (default INFO)")
     return p.parse_args(argv)
@@ -88,7 +106,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
                 ttft_samples=5 if quick else args.ttft_samples, burst_streams=args.streams,
                 stall_s=args.stall, log_level=args.log_level.upper(), soak=args.soak,
                 soak_duration_s=60.0 if quick else args.soak_duration,
-                soak_interval_s=5.0 if quick else 15.0)
+                soak_interval_s=5.0 if quick else 15.0, scenarios=args.scenarios)
 
 
 def raise_open_files_limit() -> None:
@@ -108,7 +126,7 @@ def start_servers(plan: Plan, config: Path, logdir: Path, litellm_bin: Path | No
 
     for w in plan.workers:
         keep(servers.start_gateway(PROXYCTL, config, w, plan.log_level, logdir))
-    if not plan.soak:
+    if not plan.soak and {"load", "streams"} & set(plan.scenarios):
         keep(servers.start_bare(logdir))
     if litellm_bin is not None:
         for w in plan.workers:
@@ -118,6 +136,8 @@ def start_servers(plan: Plan, config: Path, logdir: Path, litellm_bin: Path | No
 
 ROUTER_CONCURRENCY = 64  # the router scenario runs at c=64 and is compared with instant c=64
 VKEY_CONCURRENCY = 64    # the virtual-key scenario: c=64, virtual key vs master key on one gateway
+CACHE_CONCURRENCY = 64   # the cache-hit scenario: c=64, cached gateway vs gateway-wN, slow upstream
+CACHE_TTL_S = 3600       # longer than any run: after the warm-up every measured request is a hit
 
 
 def start_keyed(plan: Plan, ups: dict[str, Upstream], workdir: Path, stack: contextlib.ExitStack
@@ -144,6 +164,42 @@ def keyed_endpoints(workdir: Path, keyed: list[tuple[servers.Server, str]]) -> d
         for label, bearer in ((servers.KEYS, servers.MASTER_KEY), (servers.VKEY, key)):
             script = loadgen.write_script(workdir / f"{s.name}-{label}.lua", body, bearer)
             result[(s.name, label)] = Endpoint(s.name, f"http://127.0.0.1:{s.port}{CHAT_PATH}", script, s)
+    return result
+
+
+def start_cached(plan: Plan, ups: dict[str, Upstream], workdir: Path, stack: contextlib.ExitStack
+                 ) -> list[servers.Server]:
+    """Per worker count, the gateways' config with the response cache on: ``local`` and, when a
+    Redis answers on 127.0.0.1:6379, ``redis`` under a namespace of this run's own."""
+    stores = [("cache", {"type": "local", "ttl": CACHE_TTL_S})]
+    if redis_answers(6379):
+        stores.append(("rcache", {"type": "redis", "host": LOOPBACK, "port": 6379, "ttl": CACHE_TTL_S,
+                                  "namespace": f"bench-{uuid.uuid4().hex[:12]}"}))
+    cached = []
+    for w in plan.workers:
+        for kind, params in stores:
+            name = f"gateway-{kind}-w{w}"
+            config = workdir / f"{name}.yaml"
+            config.write_text(servers.cached_config_yaml(ups, params))
+            server = servers.start_gateway(PROXYCTL, config, w, plan.log_level, workdir, name=name)
+            stack.callback(servers.stop, server)
+            servers.wait_ready(server, ups["instant"], timeout=60)
+            cached.append(server)
+    return cached
+
+
+def cache_endpoints(workdir: Path, running: list[servers.Server], cached: list[servers.Server]
+                    ) -> dict[tuple[str, str], Endpoint]:
+    """The same request (one prompt, the slow upstream's group) to each cached gateway and, as
+    the baseline, to each uncached gateway-wN."""
+    if not cached:
+        return {}
+    body = request_body(servers.MODEL_PREFIX + servers.CACHE_UPSTREAM)
+    result = {}
+    pairs = [(s, servers.CACHE) for s in cached] + [(s, servers.NOCACHE) for s in running if s.kind == "gateway"]
+    for s, label in pairs:
+        script = loadgen.write_script(workdir / f"{s.name}-{label}.lua", body, s.key())
+        result[(s.name, label)] = Endpoint(s.name, f"http://127.0.0.1:{s.port}{CHAT_PATH}", script, s)
     return result
 
 
@@ -217,34 +273,51 @@ def warm_up(ends: dict[tuple[str, str], Endpoint], running: list[servers.Server]
     for (name, label), end in ends.items():
         if label in (servers.KEYS, servers.VKEY):
             loadgen.run_wrk(end.url, end.script, 16, plan.warmup_s)
+        elif label == servers.CACHE:  # as many connections as measured, so that every worker stores the answer
+            loadgen.run_wrk(end.url, end.script, CACHE_CONCURRENCY, plan.warmup_s)
+
+
+Job = tuple[tuple[str, str], str, int, "str | None"]  # (endpoint key, upstream, concurrency, row label)
+
+
+def round_jobs(plan: Plan, round_no: int, running: list[servers.Server], keyed: list[servers.Server],
+               cached: list[servers.Server]) -> list[Job]:
+    """One round's wrk runs. Per upstream and concurrency: direct, then every server (order
+    reversed in odd rounds), so direct and proxied runs share the machine's noise; each scenario
+    next to what it is compared with."""
+    names = [s.name for s in running]
+    order = names if round_no % 2 == 0 else names[::-1]
+    gateways = [n for n in order if n.startswith("gateway")]
+    jobs: list[Job] = []
+    if "load" in plan.scenarios:
+        jobs += [((target, upstream), upstream, c, None) for upstream in ("instant", "slow")
+                 for c in plan.concurrency for target in [report.DIRECT, *order]]
+    if "pair" in plan.scenarios:  # the router scenario, next to instant c=64
+        jobs += [((g, servers.PAIR), "instant", ROUTER_CONCURRENCY, servers.PAIR) for g in gateways]
+    for s in keyed:  # virtual key + spend log, next to the master key on the same gateway
+        labels = (servers.KEYS, servers.VKEY) if round_no % 2 == 0 else (servers.VKEY, servers.KEYS)
+        jobs += [((s.name, label), "instant", VKEY_CONCURRENCY, label) for label in labels]
+    if cached:  # cache hits, next to the same request through the uncached gateway
+        pairs = [item for g in sorted(gateways) for item in
+                 [((g, servers.NOCACHE), servers.NOCACHE)]
+                 + [((s.name, servers.CACHE), servers.CACHE) for s in cached if s.workers == int(g.rsplit("-w", 1)[1])]]
+        pairs = pairs if round_no % 2 == 0 else pairs[::-1]
+        jobs += [(key, servers.CACHE_UPSTREAM, CACHE_CONCURRENCY, label) for key, label in pairs]
+    return jobs
 
 
 def run_loads(plan: Plan, ups: dict[str, Upstream], nginx_pid: int, running: list[servers.Server],
-              ends: dict[tuple[str, str], Endpoint], keyed: list[servers.Server] = ()) -> list[report.Point]:
-    """Per round, upstream and concurrency: direct, then every server (order reversed in odd
-    rounds), so direct and proxied runs share the machine's noise."""
-    names = [s.name for s in running]
-    gateways = [s.name for s in running if s.kind == "gateway"]
-    total = plan.rounds * (2 * len(plan.concurrency) * (1 + len(names)) + len(gateways) + 2 * len(keyed))
+              ends: dict[tuple[str, str], Endpoint], keyed: list[servers.Server] = (),
+              cached: list[servers.Server] = ()) -> list[report.Point]:
+    rounds = [round_jobs(plan, r, running, list(keyed), list(cached)) for r in range(plan.rounds)]
+    total = sum(len(jobs) for jobs in rounds)
     points = []
-    for round_no in range(plan.rounds):
-        order = names if round_no % 2 == 0 else names[::-1]
-        for upstream in ("instant", "slow"):
-            for c in plan.concurrency:
-                for target in [report.DIRECT, *order]:
-                    points.append(measure(ends[(target, upstream)], ups[upstream], nginx_pid, c, plan.duration_s,
-                                          round_no))
-                    print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
-        for target in (g for g in order if g in gateways):  # the router scenario, next to instant c=64
-            points.append(measure(ends[(target, servers.PAIR)], ups["instant"], nginx_pid, ROUTER_CONCURRENCY,
-                                  plan.duration_s, round_no, label=servers.PAIR))
+    for round_no, jobs in enumerate(rounds):
+        for key, upstream, c, label in jobs:
+            if label in (servers.CACHE, servers.NOCACHE):
+                quiesce(ups[upstream])  # what reaches the upstream during a cached run must be its own
+            points.append(measure(ends[key], ups[upstream], nginx_pid, c, plan.duration_s, round_no, label=label))
             print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
-        for s in keyed:  # virtual key + spend log, next to the master key on the same gateway
-            labels = (servers.KEYS, servers.VKEY) if round_no % 2 == 0 else (servers.VKEY, servers.KEYS)
-            for label in labels:
-                points.append(measure(ends[(s.name, label)], ups["instant"], nginx_pid, VKEY_CONCURRENCY,
-                                      plan.duration_s, round_no, label=label))
-                print(f"[{len(points)}/{total}] {describe(points[-1])}", flush=True)
     return points
 
 
@@ -270,13 +343,18 @@ def run_streaming(plan: Plan, spec: UpstreamSpec, sse: Upstream, running: list[s
     return ttft, bursts
 
 
-def print_report(rows, memory, ttft, bursts, checks) -> None:
+def print_report(rows, memory, ttft, bursts, checks, cache) -> None:
     print("\n== Load (wrk, POST /v1/chat/completions; medians over rounds) ==")
     print(report.load_table(rows))
+    if cache:
+        print(f"\n== Cache hits (one prompt, c={CACHE_CONCURRENCY}, the 50 ms upstream): cached gateway vs the "
+              "same config uncached ==")
+        print(report.cache_table(cache))
     print("\n== Memory: peak RSS (VmHWM) during the load runs, then during the streaming tests ==")
     print(report.memory_table(memory))
-    print("\n== Streaming (SSE upstream: 20 chunks 10 ms apart) ==")
-    print(report.streaming_table(ttft, bursts))
+    if ttft:
+        print("\n== Streaming (SSE upstream: 20 chunks 10 ms apart) ==")
+        print(report.streaming_table(ttft, bursts))
     print("\n== Issue 5 targets ==")
     print(targets.checks_table(checks))
     noise = max((r.other_cpu for r in rows), default=0.0)
@@ -297,8 +375,10 @@ def benchmark(plan: Plan, spec: UpstreamSpec, workdir: Path) -> dict:
         running = start_servers(plan, config, workdir, litellm_bin, stack)
         for s in running:
             servers.wait_ready(s, ups["instant"], timeout=300 if s.kind == "litellm" else 60)
-        keyed = [] if plan.soak else start_keyed(plan, ups, workdir, stack)
-        ends = {**endpoints(workdir, ups, running), **keyed_endpoints(workdir, keyed)}
+        keyed = start_keyed(plan, ups, workdir, stack) if not plan.soak and "vkey" in plan.scenarios else []
+        cached = start_cached(plan, ups, workdir, stack) if not plan.soak and "cache" in plan.scenarios else []
+        ends = {**endpoints(workdir, ups, running), **keyed_endpoints(workdir, keyed),
+                **cache_endpoints(workdir, running, cached)}
         warm_up(ends, running, plan)
         if plan.soak:
             results = soak.run_soaks(running, ends, ups["instant"], plan.soak_duration_s, plan.soak_interval_s)
@@ -306,19 +386,22 @@ def benchmark(plan: Plan, spec: UpstreamSpec, workdir: Path) -> dict:
             checks = targets.soak_checks(results)
             print("\n" + targets.checks_table(checks))
             return {"soak": results, "targets": checks}
-        points = run_loads(plan, ups, upstreams.process.pid, running, ends, [s for s, _ in keyed])
+        points = run_loads(plan, ups, upstreams.process.pid, running, ends, [s for s, _ in keyed], cached)
         memory = [report.memory_report(s.name, "load", tree_usage(s.pid)) for s in running]
-        if all(reset_peaks(s.pid) for s in running):
-            phase = "streams"
-        else:
-            phase = "load+streams"  # peaks could not be restarted: the second reading covers both
-        ttft, bursts = run_streaming(plan, spec, ups["sse"], running)
-        memory += [report.memory_report(s.name, phase, tree_usage(s.pid)) for s in running]
+        ttft, bursts = {}, {}
+        if "streams" in plan.scenarios:
+            if all(reset_peaks(s.pid) for s in running):
+                phase = "streams"
+            else:
+                phase = "load+streams"  # peaks could not be restarted: the second reading covers both
+            ttft, bursts = run_streaming(plan, spec, ups["sse"], running)
+            memory += [report.memory_report(s.name, phase, tree_usage(s.pid)) for s in running]
         rows = report.summarise(points)
-        checks = targets.evaluate(rows, memory, ttft, bursts, {}, plan.workers)
-        print_report(rows, memory, ttft, bursts, checks)
+        cache = report.cache_comparisons(rows)
+        checks = targets.evaluate(rows, memory, ttft, bursts, {}, plan.workers, cache)
+        print_report(rows, memory, ttft, bursts, checks, cache)
         return {"rows": rows, "points": points, "memory": memory, "ttft": ttft, "bursts": bursts,
-                "targets": checks}
+                "cache": cache, "targets": checks}
 
 
 def main(argv: list[str] | None = None) -> int:

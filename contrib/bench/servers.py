@@ -25,6 +25,11 @@ PAIR_MODEL = MODEL_PREFIX + PAIR
 # the "virtual key + spend log" scenario: a gateway with database storage (a private, embedded
 # PostgreSQL) on the instant upstream, called with the master key ("keys") and a virtual key ("vkey")
 KEYS, VKEY = "keys", "vkey"
+# the cache-hit scenario: every request the same prompt to the slow upstream, through a gateway
+# with litellm_settings.cache ("cache", after the first all are hits) and through the uncached
+# gateway-wN ("nocache")
+CACHE, NOCACHE = "cache", "nocache"
+CACHE_UPSTREAM = "slow"
 HERE = Path(__file__).resolve().parent
 DROPPED_ENV = ("DATABASE_URL", "STORE_MODEL_IN_DB", "CONFIG_FILE_PATH", "NUM_WORKERS",
                "LITELLM_MASTER_KEY", "OPENAI_API_KEY", "OPENAI_API_BASE", "OPENAI_BASE_URL")
@@ -57,6 +62,16 @@ class Server:
 
 def config_yaml(upstreams: dict[str, Upstream]) -> str:
     """A plain LiteLLM config (JSON is valid YAML): one model group per upstream."""
+    return json.dumps(config_dict(upstreams), indent=2)
+
+
+def cached_config_yaml(upstreams: dict[str, Upstream], cache_params: dict) -> str:
+    """The same config with the response cache on (``litellm_settings.cache``)."""
+    return json.dumps({**config_dict(upstreams), "litellm_settings": {"cache": True, "cache_params": cache_params}},
+                      indent=2)
+
+
+def config_dict(upstreams: dict[str, Upstream]) -> dict:
     models = [{"model_name": MODEL_PREFIX + u.name,
                "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": u.base_url,
                                   "api_key": UPSTREAM_KEY}}
@@ -68,8 +83,8 @@ def config_yaml(upstreams: dict[str, Upstream]) -> str:
                 "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": instant.base_url,
                                    "api_key": UPSTREAM_KEY},
                 "model_info": {"id": f"pair-{n}"}} for n in (1, 2)]
-    return json.dumps({"model_list": models, "general_settings": {"master_key": MASTER_KEY},
-                       "router_settings": {"num_retries": 2}}, indent=2)
+    return {"model_list": models, "general_settings": {"master_key": MASTER_KEY},
+            "router_settings": {"num_retries": 2}}
 
 
 def keyed_config_yaml(upstreams: dict[str, Upstream], folder: Path) -> str:

@@ -180,6 +180,19 @@ class Upstreams:
                 self.process.wait()
 
 
+def quiesce(upstream: Upstream, quiet_s: float = 0.3, timeout: float = 5.0) -> int:
+    """The upstream's count once nothing more has arrived for ``quiet_s``: requests a previous
+    run left in flight (wrk stops mid-request) are then not counted in the next run."""
+    deadline = time.monotonic() + timeout
+    count, since = upstream.received(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = upstream.received()
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 def settle(upstream: Upstream, at_least: int, timeout: float = 2.0) -> int:
     """The upstream's count once in-flight requests have been logged (or ``timeout`` passed)."""
     deadline = time.monotonic() + timeout
