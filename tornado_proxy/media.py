@@ -47,6 +47,11 @@ def usage_of(reply: Mapping | None) -> dict | None:
             "total_tokens": total if isinstance(total, int) else prompt + completion}
 
 
+def public_path(path: str) -> str:
+    """A route's path as OpenAI documents it (``/v1/...``)."""
+    return path if path.startswith("/v1/") else "/v1" + path
+
+
 class MediaHandler(LLMHandler):
     """A JSON body relayed as it is (``model`` rewritten to the deployment's), the JSON reply
     back as it is. Subclasses say what a call is priced by (``units``)."""
@@ -68,7 +73,8 @@ class MediaHandler(LLMHandler):
     def translate(self, provider: Provider, body: dict) -> tuple[str, dict]:
         if self.endpoint not in provider.media_endpoints:
             raise InvalidRequestError(
-                f"The provider '{provider.name}' does not serve {self.route.path} (model={self.ctx.requested_model}). "
+                f"The provider '{provider.name}' does not serve {public_path(self.route.path)} "
+                f"(model={self.ctx.requested_model}). "
                 "Images, audio and moderations are served for openai/, azure/ and OpenAI-compatible deployments.",
                 param="model")
         return self.endpoint, body
