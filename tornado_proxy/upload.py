@@ -158,10 +158,9 @@ class UploadBody:
 
     def read(self, n: int) -> bytes:
         pos, head = self.position, self.head
-        if pos < len(head):
-            data = head[pos:pos + n]
-        else:
-            data = os.pread(self.fd, min(n, self.size - pos), pos - len(head)) if pos < self.size else b""
+        data = head[pos:pos + n] if pos < len(head) else b""
+        if len(data) < n and pos + len(data) < self.size:
+            data += os.pread(self.fd, min(n - len(data), self.size - pos - len(data)), pos + len(data) - len(head))
         self.position += len(data)
         return data
 
