@@ -8,6 +8,7 @@ import pytest
 
 from tornado_proxy.config import ModelSpec
 from tornado_proxy.errors import UpstreamError
+from tornado_proxy.health import probe_request, skip_reason
 from tornado_proxy.media import public_path, usage_of
 from tornado_proxy.providers import PROVIDERS
 from tornado_proxy.providers.base import UpstreamReply
@@ -115,3 +116,11 @@ def test_default_moderation_group():
 def test_public_path():
     assert public_path("/moderations") == "/v1/moderations"
     assert public_path("/v1/audio/speech") == "/v1/audio/speech"
+
+
+def test_health_probes_per_mode():
+    mod = deployment("openai/omni-moderation-latest", {"mode": "moderation"})
+    assert probe_request(mod) == ("moderation", {"model": "g", "input": "ping"})
+    assert skip_reason(mod) is None
+    for mode in ("image_generation", "audio_speech", "audio_transcription"):
+        assert "billed" in skip_reason(deployment("openai/x", {"mode": mode}))
