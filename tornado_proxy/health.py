@@ -5,9 +5,9 @@ A probe is one minimal real call per deployment, built by its provider adapter a
 ``"ping"`` for ``model_info.mode: embedding``, a one-token text completion for ``mode:
 completion``, a moderation of ``"ping"`` for ``mode: moderation``; image and audio modes are
 skipped (each probe would be a billed call). ``model_info.health_check_model`` replaces the
-model (that is how a wildcard deployment such as ``openai/*`` gets checked, as in LiteLLM); a wildcard without one, and a
-deployment that cannot be served at all (``Deployment.problem``), is reported as skipped, never
-called. In-process providers (``mock/``, ``mock_response``) are healthy without a call.
+model (that is how a wildcard deployment such as ``openai/*`` gets checked, as in LiteLLM); a
+wildcard without one, and a deployment that cannot be served at all (``Deployment.problem``), is
+reported as skipped, never called. In-process providers (``mock/``, ``mock_response``) are healthy without a call.
 
 Background checks run in one loop per instance: worker 0 of ``proxyctl serve`` (the supervisor
 restarts it under the same index if it dies). The loop writes each report atomically to a JSON
