@@ -38,6 +38,7 @@ setup(
         "fastjsonschema>=2.19",
         "cryptography>=42",
         "redis>=5",  # rate limits shared across instances (ratelimit.py), as LiteLLM shares them
+        "multipart>=1.2",  # incremental multipart/form-data parsing of audio uploads (upload.py)
     ],
     extras_require={
         "test": [

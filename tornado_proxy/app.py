@@ -9,7 +9,7 @@ import secrets
 
 import tornado.web
 
-from . import admin, handlers, keyadmin, llm, messages, routes, spendadmin
+from . import admin, handlers, keyadmin, llm, media, messages, routes, spendadmin
 from .cache import build_cache
 from .cachekey import CacheSettings
 from .catalog import Catalog
@@ -37,7 +37,8 @@ RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_tim
                 "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size",
                 "redis_host", "redis_port", "redis_password", "redis_url")
 
-HANDLERS = {**llm.HANDLERS, **messages.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS, **spendadmin.HANDLERS}
+HANDLERS = {**llm.HANDLERS, **messages.HANDLERS, **media.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS,
+            **spendadmin.HANDLERS}
 
 
 class Gateway:

@@ -3,10 +3,11 @@
 A probe is one minimal real call per deployment, built by its provider adapter and sent through
 ``upstream.py``: a chat with one short user message and ``max_tokens: 1``, an embedding of
 ``"ping"`` for ``model_info.mode: embedding``, a one-token text completion for ``mode:
-completion``. ``model_info.health_check_model`` replaces the model (that is how a wildcard
-deployment such as ``openai/*`` gets checked, as in LiteLLM); a wildcard without one, and a
-deployment that cannot be served at all (``Deployment.problem``), is reported as skipped, never
-called. In-process providers (``mock/``, ``mock_response``) are healthy without a call.
+completion``, a moderation of ``"ping"`` for ``mode: moderation``; image and audio modes are
+skipped (each probe would be a billed call). ``model_info.health_check_model`` replaces the
+model (that is how a wildcard deployment such as ``openai/*`` gets checked, as in LiteLLM); a
+wildcard without one, and a deployment that cannot be served at all (``Deployment.problem``), is
+reported as skipped, never called. In-process providers (``mock/``, ``mock_response``) are healthy without a call.
 
 Background checks run in one loop per instance: worker 0 of ``proxyctl serve`` (the supervisor
 restarts it under the same index if it dies). The loop writes each report atomically to a JSON
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_TEXT = "ping"
+# Modes whose smallest real call costs real money per call (an image, audio): not probed.
+UNPROBED_MODES = ("image_generation", "audio_speech", "audio_transcription")
 REFRESH_MAX = 5.0      # seconds: how stale a worker's in-memory unhealthy set may be at most
 STALE_INTERVALS = 2    # a report older than this many intervals (plus a probe timeout) is ignored
 
@@ -135,6 +138,9 @@ def skip_reason(d: Deployment) -> str | None:
     if "*" in d.model and not d.model_info.get("health_check_model"):
         return ("a wildcard deployment is not checked without model_info.health_check_model "
                 "(a model to probe it with)")
+    mode = d.model_info.get("mode")
+    if mode in UNPROBED_MODES:
+        return f"model_info.mode {mode} is not checked: a probe would be a billed image or audio call"
     return None
 
 
@@ -155,6 +161,8 @@ def probe_request(d: Deployment) -> tuple[str, dict]:
         return "embeddings", {"model": d.model_name, "input": PROBE_TEXT}
     if mode == "completion":
         return "completions", {"model": d.model_name, "prompt": PROBE_TEXT, "max_tokens": 1}
+    if mode == "moderation":
+        return "moderation", {"model": d.model_name, "input": PROBE_TEXT}
     return "chat", {"model": d.model_name, "messages": [{"role": "user", "content": PROBE_TEXT}], "max_tokens": 1}
 
 

@@ -33,7 +33,9 @@ DONE_EVENT = format_event(DONE)
 MAX_NON_STREAM_BODY = 65536  # what is kept of a 2xx answer to a streamed request that is not a stream
 # The spend log's call_type per endpoint (LiteLLM's names)
 CALL_TYPES = {"chat": "acompletion", "completions": "atext_completion", "embeddings": "aembedding",
-              "messages": "anthropic_messages"}
+              "messages": "anthropic_messages", "moderation": "amoderation", "image_generation": "aimage_generation",
+              "audio_speech": "aspeech", "audio_transcription": "atranscription",
+              "audio_translation": "atranscription"}
 
 
 def request_count(body: dict, name: str, default: int) -> int:
@@ -336,7 +338,7 @@ class LLMHandler(BaseHandler):
         if self.principal is None or not self.ctx.requested_model or not self.logs_spend:
             return
         d, usage, key = self.ctx.deployment, self.ctx.usage or {}, self.principal.key
-        cost = cost_of(d, usage, self.gw.router.price_table) if d is not None else 0.0
+        cost = self.call_cost(d, usage) if d is not None else 0.0
         used_up = False
         if cost > 0:
             self.gw.metrics.child(self.gw.metrics.spend, self.ctx.model_group or "").inc(cost)
@@ -362,6 +364,10 @@ class LLMHandler(BaseHandler):
             team_id=key.team_id if key is not None else None, status="success" if status < 400 else "failure",
             metadata=self.request_metadata or {}, cache_hit=self.ctx.cache_hit, origin=self.gw.tenants.origin)
         self.gw.spend.submit(event, urgent=used_up)  # a budget used up: the others learn it at once
+
+    def call_cost(self, d: Deployment, usage: dict | None) -> float:
+        """USD for this call (its tokens at the deployment's or the shipped table's prices)."""
+        return cost_of(d, usage, self.gw.router.price_table)
 
     def record_success(self, d: Deployment) -> None:
         counters = self.gw.router.counters

@@ -142,6 +142,12 @@ class Registry:
         d = self.by_id.get(name)
         return (d,) if d is not None else self.by_litellm_model.get(name, ())
 
+    def group_for_mode(self, mode: str) -> str | None:
+        """The first configured model group with a deployment of ``model_info.mode`` ``mode``
+        (what answers ``/v1/moderations`` when the request names no model)."""
+        return next((name for name, ds in self.groups.items()
+                     if any(d.model_info.get("mode") == mode for d in ds)), None)
+
     def model_names(self) -> list[str]:
         return list(self.groups) + [p for p, _ in self.wildcards] + list(self.aliases)
 

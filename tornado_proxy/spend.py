@@ -56,6 +56,25 @@ def cost_of(d: Deployment, usage: Mapping[str, Any] | None, table: Mapping[str, 
     return prompt * price[0] + completion * price[1]
 
 
+# What an images / audio call is priced by besides tokens: model_info (or litellm_params) keys,
+# LiteLLM's names, multiplied by the images returned, the characters read, the seconds heard
+MEDIA_PRICES = {"image_generation": "output_cost_per_image", "audio_speech": "input_cost_per_character",
+                "audio_transcription": "input_cost_per_second", "audio_translation": "input_cost_per_second"}
+
+
+def media_cost(d: Deployment, endpoint: str, units: float) -> float:
+    """USD for ``units`` of an images / audio call at the deployment's configured per-unit
+    price; 0 when it has none (or the endpoint is not priced that way)."""
+    name = MEDIA_PRICES.get(endpoint)
+    if name is None or units <= 0:
+        return 0.0
+    for source in (d.model_info, d.public_params):
+        price = source.get(name)
+        if isinstance(price, (int, float)) and not isinstance(price, bool):
+            return float(price) * units
+    return 0.0
+
+
 def tokens(usage: Mapping[str, Any], name: str) -> int:
     value = usage.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -145,7 +145,14 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
         curl.setopt(pycurl.PROXY, "")  # as the stock client: no proxy taken from the environment
         curl.setopt(pycurl.SSL_VERIFYPEER, 1)
         curl.setopt(pycurl.SSL_VERIFYHOST, 2)
-        if request.method == "POST":
+        if isinstance(request, UploadRequest):
+            upload = request.upload
+            upload.seek(0, 0)
+            curl.setopt(pycurl.POST, 1)
+            curl.setopt(pycurl.READFUNCTION, upload.read)
+            curl.setopt(pycurl.SEEKFUNCTION, upload.seek)  # a resend on a stale connection rewinds
+            curl.setopt(pycurl.POSTFIELDSIZE_LARGE, upload.size)
+        elif request.method == "POST":
             curl.setopt(pycurl.POSTFIELDS, request.body or b"")
         elif request.body is not None:
             raise ValueError("Body must be None for GET request")
@@ -168,6 +175,17 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
                 item[1](HTTPResponse(request=request, code=599, error=CurlError(ABORTED, message)))
                 return True
         return False
+
+
+class UploadRequest(HTTPRequest):
+    """A POST whose body libcurl reads through its READFUNCTION from ``upload`` (``read(n)``,
+    ``seek(offset, origin)``, ``size``: ``upload.UploadBody``, a file on disk) instead of from
+    memory. Tornado's curl client has no ``body_producer`` (its setup never looks at one and
+    reads ``request.body`` whole), so the buffered setup feeds the body itself."""
+
+    def __init__(self, url: str, upload, **kwargs):
+        super().__init__(url, body=b"", **kwargs)
+        self.upload = upload
 
 
 def _unwrap(request) -> HTTPRequest:
@@ -256,18 +274,22 @@ class Upstream:
     def close(self) -> None:
         self._client.close()
 
-    def _request(self, req: UpstreamRequest, timeout: float, **kwargs) -> HTTPRequest:
-        return HTTPRequest(req.url, method=req.method, headers=dict(req.headers), body=req.body,
-                           connect_timeout=min(self.connect_timeout, timeout), request_timeout=timeout,
-                           decompress_response=True, follow_redirects=False, **kwargs)
+    def _request(self, req: UpstreamRequest, timeout: float, upload=None, **kwargs) -> HTTPRequest:
+        common = dict(method=req.method, headers=dict(req.headers), connect_timeout=min(self.connect_timeout, timeout),
+                      request_timeout=timeout, decompress_response=True, follow_redirects=False, **kwargs)
+        if upload is not None:
+            return UploadRequest(req.url, upload, **common)
+        return HTTPRequest(req.url, body=req.body, **common)
 
-    async def fetch(self, req: UpstreamRequest, timeout: float, transfer: Transfer | None = None) -> UpstreamReply:
+    async def fetch(self, req: UpstreamRequest, timeout: float, transfer: Transfer | None = None,
+                    upload=None) -> UpstreamReply:
         """A buffered call. Non-2xx replies are returned; transport failures raise ProxyErrors.
-        With a ``transfer``, ``abort(transfer, reason)`` stops the call (an UpstreamError 499)."""
+        With a ``transfer``, ``abort(transfer, reason)`` stops the call (an UpstreamError 499).
+        With an ``upload`` (``upload.UploadBody``), libcurl reads the request body from it."""
         head = HeaderLines()
         # The stock header callback parses every line into HTTPHeaders as it arrives (~6% of a
         # worker's CPU); the lines are kept as they are instead, and parsed if something reads them.
-        request = self._request(req, timeout,
+        request = self._request(req, timeout, upload,
                                 prepare_curl_callback=lambda curl: curl.setopt(pycurl.HEADERFUNCTION, head.add))
         if transfer is not None:
             transfer.request = request

@@ -13,6 +13,7 @@ state and assert on `state.received`. The benchmark runs it standalone:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -21,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import multipart
 import orjson
 import tornado.web
 
@@ -30,6 +32,13 @@ MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-s
 FINGERPRINT = "fp_fake00001"
 EMBEDDING_DIM = 8
 OPENROUTER_COMMENT = b": OPENROUTER PROCESSING\n\n"
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+MODERATION_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+                         "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions", "sexual",
+                         "sexual/minors", "violence", "violence/graphic")
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+AUDIO_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
+               "wav": "audio/wav", "pcm": "audio/pcm"}
 
 _PIECE = re.compile(r"\s*\S+\s*")  # a word with its trailing whitespace
 _DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")  # Azure: the model is in the path
@@ -89,6 +98,11 @@ class FakeState:
     stream_chunks: int | None = None  # reply is N pieces of "tok " (stream and non-stream)
     raw_reply: RawReply | None = None  # answer with exactly these bytes (common.RawReply)
     record: bool = True  # standalone mode turns this off so memory stays flat
+    speech_chunks: int = 4  # /audio/speech sends its audio in this many pieces
+    speech_bytes: int = 64 * 1024  # of this much audio
+    speech_pause: float = 0.02  # seconds between the pieces
+    speech_gate: asyncio.Event | None = None  # pieces after the first wait for it
+    speech_bytes_sent: int = 0
     received: list[Received] = field(default_factory=list)
     stream_aborted: bool = False  # a client left before [DONE]
     streams_finished: int = 0  # streams that sent [DONE]
@@ -178,35 +192,50 @@ class BaseHandler(FakeHandler):
     async def prepare(self) -> None:
         state, req = self.state, self.request
         body, bad_json = self.read_json()
-        if state.api_key is not None:
-            auth = req.headers.get("Authorization", "")
-            key = auth[7:] if auth.startswith("Bearer ") else req.headers.get("api-key")
-            if not key:
-                return self.fail(401, NO_KEY, code=None)
-            if key != state.api_key:
-                return self.fail(401)  # never echo the presented key
-        if self.azure and not self.get_query_argument("api-version", None):
-            return self.fail(404)
-        if state.raw_reply is not None:
-            return await self.send_raw(state.raw_reply)
-        if state.fail_times > 0:
-            state.fail_times -= 1
-            retry_after = state.retry_after or ("1" if state.fail_status == 429 else None)
-            if retry_after is not None:
-                self.set_header("retry-after", retry_after)
-            return self.fail(state.fail_status)
+        if not await self.admitted():
+            return
         if req.method == "POST":
             if bad_json or not isinstance(body, dict):
                 return self.fail(400, BAD_JSON)
             self.body = body
             if (m := _DEPLOYMENT.search(req.path)) and not body.get("model"):
                 body["model"] = m.group(1)
+            if not body.get("model") and req.path.endswith("/moderations"):
+                body["model"] = DEFAULT_MODERATION_MODEL  # optional there, as in OpenAI's API
             if not body.get("model"):
                 return self.fail(400, "you must provide a model parameter")
             self.streaming = body.get("stream") is True
             self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if state.latency:
             await self.pause(state.latency)
+
+    async def admitted(self) -> bool:
+        """Auth, Azure's api-version, raw replies and injected failures, from the head alone;
+        False once one of them has answered."""
+        state = self.state
+        if state.api_key is not None:
+            auth = self.request.headers.get("Authorization", "")
+            key = auth[7:] if auth.startswith("Bearer ") else self.request.headers.get("api-key")
+            if not key:
+                self.fail(401, NO_KEY, code=None)
+                return False
+            if key != state.api_key:
+                self.fail(401)  # never echo the presented key
+                return False
+        if self.azure and not self.get_query_argument("api-version", None):
+            self.fail(404)
+            return False
+        if state.raw_reply is not None:
+            await self.send_raw(state.raw_reply)
+            return False
+        if state.fail_times > 0:
+            state.fail_times -= 1
+            retry_after = state.retry_after or ("1" if state.fail_status == 429 else None)
+            if retry_after is not None:
+                self.set_header("retry-after", retry_after)
+            self.fail(state.fail_status)
+            return False
+        return True
 
     def reply_pieces(self, echo: str) -> list[str]:
         """The reply as stream pieces; joined, they are the non-stream content."""
@@ -337,6 +366,179 @@ class EmbeddingsHandler(BaseHandler):
                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
+def moderation_result(text: str) -> dict:
+    """OpenAI's result for one input: flagged (violence) when it mentions killing."""
+    violent = "kill" in text.lower()
+    scores = {c: 0.0001 for c in MODERATION_CATEGORIES}
+    scores["violence"] = 0.91 if violent else 0.0002
+    return {"flagged": violent, "categories": {c: scores[c] > 0.5 for c in MODERATION_CATEGORIES},
+            "category_scores": scores,
+            "category_applied_input_types": {c: ["text"] for c in MODERATION_CATEGORIES}}
+
+
+class ModerationsHandler(BaseHandler):
+    async def post(self) -> None:
+        inp = self.body.get("input")
+        items = [inp] if isinstance(inp, str) else inp
+        if not isinstance(items, list) or not items:
+            return self.fail(400, "'$.input' is invalid.", param="input")
+        texts = [x if isinstance(x, str) else str((x or {}).get("text", "")) if isinstance(x, dict) else ""
+                 for x in items]
+        if any(isinstance(x, dict) for x in items):
+            texts = [" ".join(texts)]  # multi-modal input: one result for the whole list
+        self.send_json({"id": "modr-" + uuid.uuid4().hex[:24], "model": self.body["model"],
+                        "results": [moderation_result(t) for t in texts]})
+
+
+class ImagesHandler(BaseHandler):
+    """dall-e: ``url`` (default) or ``b64_json``; gpt-image: always ``b64_json``, with usage."""
+
+    async def post(self) -> None:
+        body = self.body
+        n, prompt, model = int(body.get("n") or 1), str(body.get("prompt") or ""), body["model"]
+        gpt_image = model.startswith("gpt-image")
+        b64 = gpt_image or body.get("response_format") == "b64_json"
+        data = []
+        for i in range(n):
+            image = PNG_HEADER + hashlib.sha256(f"{prompt}/{i}".encode()).digest()
+            item = ({"b64_json": base64.b64encode(image).decode()} if b64
+                    else {"url": f"https://images.fake/{uuid.uuid4().hex}.png"})
+            if model.startswith("dall-e-3"):
+                item["revised_prompt"] = "A picture of " + prompt
+            data.append(item)
+        reply = {"created": int(time.time()), "data": data}
+        if gpt_image:
+            tokens = len(prompt.split())
+            reply["usage"] = {"input_tokens": tokens, "output_tokens": 1056 * n, "total_tokens": tokens + 1056 * n,
+                              "input_tokens_details": {"text_tokens": tokens, "image_tokens": 0}}
+        self.send_json(reply)
+
+
+def speech_audio(text: str, size: int) -> bytes:
+    """``size`` deterministic bytes standing for the audio of ``text`` (an ID3 head first)."""
+    seed = hashlib.sha256(text.encode()).digest()
+    return (b"ID3\x04\x00\x00" + seed * (size // len(seed) + 1))[:size]
+
+
+class SpeechHandler(BaseHandler):
+    """The audio in ``state.speech_chunks`` pieces, chunked, ``speech_pause`` apart; with
+    ``state.speech_gate`` set, everything after the first piece waits for that event (a
+    test sets it once the first bytes came through), so streaming can be shown without timing."""
+
+    async def post(self) -> None:
+        state, body = self.state, self.body
+        if not isinstance(body.get("input"), str) or not body.get("voice"):
+            return self.fail(400, "Missing required parameter: 'input' or 'voice'.")
+        audio = speech_audio(body["input"], state.speech_bytes)
+        self.set_header("content-type", AUDIO_TYPES.get(body.get("response_format") or "mp3", "audio/mpeg"))
+        step = -(-len(audio) // max(state.speech_chunks, 1))
+        self.streaming = True
+        for i in range(0, len(audio), step):
+            if i and state.speech_gate is not None:
+                await asyncio.wait_for(state.speech_gate.wait(), 10)
+            if i and state.speech_pause:
+                await self.pause(state.speech_pause)
+            if not await self.send_frame(audio[i:i + step], after_delay=False):
+                return
+            state.speech_bytes_sent += len(audio[i:i + step])
+        self.end_stream()
+
+
+@tornado.web.stream_request_body
+class TranscriptionsHandler(BaseHandler):
+    """Transcriptions and translations: a real multipart/form-data body, parsed as it arrives
+    (the file is hashed, never kept); the reply echoes what came in (file name, type, size,
+    sha256 and the other fields) in the shape ``response_format`` asks for."""
+
+    async def prepare(self) -> None:
+        req = self.request
+        self.received = Received(req.method, req.path, req.query, {k.lower(): v for k, v in req.headers.items()}, None)
+        if self.state.record:
+            self.state.received.append(self.received)
+        self.parser, self.fields, self.file, self.bad = None, {}, None, None
+        if not await self.admitted():
+            return
+        kind, options = multipart.parse_options_header(req.headers.get("Content-Type", ""))
+        if kind != "multipart/form-data" or not options.get("boundary"):
+            return self.fail(400, "Invalid Content-Type header: expected multipart/form-data with a boundary.")
+        self.parser = multipart.PushMultipartParser(options["boundary"])
+        self.part, self.value, self.digest = None, bytearray(), None
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.parser is None or self.bad:
+            return
+        try:
+            for event in self.parser.parse(chunk):
+                self.on_event(event)
+        except multipart.MultipartError as exc:
+            self.bad = str(exc)
+
+    def on_event(self, event) -> None:
+        if isinstance(event, multipart.MultipartSegment):
+            self.part, self.value = event, bytearray()
+            self.digest = hashlib.sha256() if event.filename is not None else None
+        elif event is None:
+            part = self.part
+            if self.digest is not None:
+                self.file = {"field": part.name, "filename": part.filename, "content_type": part.content_type,
+                             "size": part.size, "sha256": self.digest.hexdigest()}
+            else:
+                self.fields.setdefault(part.name, self.value.decode("utf-8", "replace"))
+        elif self.digest is not None:
+            self.digest.update(event)
+        else:
+            self.value += event
+
+    async def post(self) -> None:
+        if not self.bad:
+            try:
+                self.parser.close()
+            except multipart.MultipartError as exc:
+                self.bad = str(exc)
+        if self.bad:
+            return self.fail(400, f"Could not parse multipart form: {self.bad}")
+        fields = dict(self.fields)
+        if (m := _DEPLOYMENT.search(self.request.path)) and not fields.get("model"):
+            fields["model"] = m.group(1)
+        self.received.body = {**fields, "file": self.file}
+        if not fields.get("model"):
+            return self.fail(400, "you must provide a model parameter", param="model")
+        if self.file is None or self.file["field"] != "file":
+            return self.fail(400, "Missing required parameter: 'file'.", param="file")
+        if self.state.latency:
+            await self.pause(self.state.latency)
+        self.answer(fields, self.file)
+
+    def answer(self, fields: dict, file: dict) -> None:
+        task = "translate" if self.request.path.endswith("/translations") else "transcribe"
+        others = ", ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+        text = (f"{task} of {file['filename']} ({file['content_type']}, {file['size']} bytes, sha256 {file['sha256']}) "
+                f"with {others}")
+        seconds = max(1, file["size"] // 16000)
+        fmt = fields.get("response_format") or "json"
+        if fmt in ("text", "srt", "vtt"):
+            self.set_header("content-type", "text/plain; charset=utf-8")
+            if fmt == "srt":
+                return self.finish(f"1\n00:00:00,000 --> 00:00:{min(seconds, 59):02d},000\n{text}\n\n")
+            if fmt == "vtt":
+                return self.finish(f"WEBVTT\n\n00:00:00.000 --> 00:00:{min(seconds, 59):02d}.000\n{text}\n\n")
+            return self.finish(text + "\n")
+        if fields["model"].startswith("gpt-4o"):
+            tokens = len(text.split())
+            use = {"type": "tokens", "input_tokens": seconds * 10, "output_tokens": tokens,
+                   "total_tokens": seconds * 10 + tokens}
+        else:
+            use = {"type": "duration", "seconds": seconds}
+        if fmt == "verbose_json":
+            return self.send_json({"task": task, "language": "english", "duration": float(seconds), "text": text,
+                                   "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": float(seconds),
+                                                 "text": text, "tokens": [], "temperature": 0.0,
+                                                 "avg_logprob": -0.2, "compression_ratio": 1.0,
+                                                 "no_speech_prob": 0.01}],
+                                   "usage": use})
+        self.send_json({"text": text, "usage": use})
+
+
 class ModelsHandler(BaseHandler):
     def get(self) -> None:
         self.send_json({"object": "list", "data": [
@@ -354,6 +556,10 @@ def make_app(state: FakeState) -> tornado.web.Application:
     args = {"state": state}
     return tornado.web.Application(
         [
+            (r".*/moderations", ModerationsHandler, args),
+            (r".*/images/generations", ImagesHandler, args),
+            (r".*/audio/speech", SpeechHandler, args),
+            (r".*/audio/(?:transcriptions|translations)", TranscriptionsHandler, args),
             (r".*/chat/completions", ChatCompletionsHandler, args),
             (r".*/completions", CompletionsHandler, args),
             (r".*/embeddings", EmbeddingsHandler, args),

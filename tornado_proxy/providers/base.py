@@ -106,6 +106,8 @@ class Provider:
     # What a streamed reply's Content-Type must be (its media type, parameters aside): anything
     # else answering a streamed request (a plain JSON 200) is an upstream error, not a stream.
     stream_media_types: tuple[str, ...] = ("text/event-stream",)
+    # The images, audio and moderations endpoints the provider serves (``openai.MEDIA_ENDPOINTS``)
+    media_endpoints: frozenset[str] = frozenset()
 
     def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
         """What a deployment of this provider uses when its config gives nothing."""
@@ -118,6 +120,10 @@ class Provider:
         return endpoint
 
     def build_request(self, d: Deployment, endpoint: str, body: dict, stream: bool) -> UpstreamRequest:
+        raise NotImplementedError
+
+    def build_upload_request(self, d: Deployment, endpoint: str, content_type: str) -> UpstreamRequest:
+        """The head of a multipart/form-data upload of ``content_type`` (body sent separately)."""
         raise NotImplementedError
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:

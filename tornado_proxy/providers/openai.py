@@ -22,7 +22,14 @@ from .completions_chat import (COMPLETIONS_VIA_CHAT, chat_request, serves_comple
                                text_completion_bytes, text_completion_chunk)
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
-                  COMPLETIONS_VIA_CHAT: "/chat/completions"}
+                  COMPLETIONS_VIA_CHAT: "/chat/completions", "moderation": "/moderations",
+                  "image_generation": "/images/generations", "audio_speech": "/audio/speech",
+                  "audio_transcription": "/audio/transcriptions", "audio_translation": "/audio/translations"}
+# The images, audio and moderations endpoints: OpenAI's, Azure's and every compatible server's.
+MEDIA_ENDPOINTS = frozenset(("moderation", "image_generation", "audio_speech", "audio_transcription",
+                             "audio_translation"))
+# What a 2xx JSON reply always has, per endpoint (chat and completions: choices).
+REPLY_FIELDS = {"embeddings": ("data", list), "image_generation": ("data", list), "moderation": ("results", list)}
 # Fields LiteLLM reads for itself; they are never sent to a provider.
 PROXY_ONLY_FIELDS = ("mock_response", "api_key", "api_base", "caching", "fallbacks", "num_retries",
                      "context_window_fallbacks", "litellm_metadata", "guardrails", "tags", "drop_params")
@@ -37,6 +44,7 @@ class OpenAIProvider(Provider):
     base_envs: tuple[str, ...] = ("OPENAI_API_BASE", "OPENAI_BASE_URL")
     renames: Mapping[str, str] = {}
     stream_usage = True  # asks for stream_options.include_usage on every stream
+    media_endpoints = MEDIA_ENDPOINTS
 
     def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
         base = next((environ[e] for e in self.base_envs if environ.get(e)), self.default_base)
@@ -70,12 +78,18 @@ class OpenAIProvider(Provider):
         headers = {"Content-Type": "application/json", **d.extra_headers, **self.auth_headers(d)}
         return UpstreamRequest(self.url(d, endpoint), "POST", headers, orjson.dumps(out))
 
+    def build_upload_request(self, d: Deployment, endpoint: str, content_type: str) -> UpstreamRequest:
+        """The head of a multipart upload (transcriptions, translations); the body is the
+        gateway's re-emitted form, sent by ``upstream`` from disk."""
+        headers = {"Content-Type": content_type, **d.extra_headers, **self.auth_headers(d)}
+        return UpstreamRequest(self.url(d, endpoint), "POST", headers, None)
+
     def auth_headers(self, d: Deployment) -> dict[str, str]:
         return {"Authorization": "Bearer " + d.api_key.reveal()} if d.api_key else {}
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
         parsed = reply_object(reply.body, "The provider")
-        require_field(parsed, "The provider", ("data", list) if endpoint == "embeddings" else ("choices", list))
+        require_field(parsed, "The provider", REPLY_FIELDS.get(endpoint, ("choices", list)))
         usage = parsed.get("usage")
         body = text_completion_bytes(reply.body) if endpoint == COMPLETIONS_VIA_CHAT else reply.body
         return ProviderResponse(body, usage if isinstance(usage, dict) else None)
@@ -169,6 +183,7 @@ class OpenRouterProvider(OpenAIProvider):
     default_base = "https://openrouter.ai/api/v1"
     key_envs = ("OPENROUTER_API_KEY", "OR_API_KEY")
     base_envs = ("OPENROUTER_API_BASE",)
+    media_endpoints = frozenset()  # OpenRouter serves no images, audio or moderations API
 
     def headers(self, environ: Mapping[str, str]) -> dict[str, str]:
         return {"HTTP-Referer": environ.get("OR_SITE_URL") or "https://litellm.ai",
