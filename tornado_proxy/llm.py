@@ -35,7 +35,7 @@ DONE_EVENT = format_event(DONE)
 MAX_NON_STREAM_BODY = 65536  # what is kept of a 2xx answer to a streamed request that is not a stream
 # The spend log's call_type per endpoint (LiteLLM's names)
 CALL_TYPES = {"chat": "acompletion", "completions": "atext_completion", "embeddings": "aembedding",
-              "messages": "anthropic_messages"}
+              "messages": "anthropic_messages", "responses": "aresponses"}
 
 
 def request_count(body: dict, name: str, default: int) -> int:

@@ -1,0 +1,161 @@
+"""The OpenAI Responses API: ``POST /v1/responses`` for every model, and ``GET`` / ``DELETE
+/v1/responses/{id}``.
+
+``openai/`` and ``azure/`` models get the body as it came (model rewritten) and their reply or
+event stream goes back as is (``previous_response_id``, ``store`` and the stored responses are
+then the provider's own). Any other model is called with the chat translation of the request
+(``providers/responses_format.py``) and its answer rewritten as a ``response`` object or typed
+event stream; those responses are kept by the gateway (``responsestore.py``) so that a follow-up
+turn with ``previous_response_id`` continues the conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .errors import NotFoundError, ProxyError
+from .handlers import BaseHandler
+from .llm import LLMHandler, naming_deployment
+from .providers import PROVIDERS
+from .providers.base import Provider
+from .providers.responses_format import (PassThroughOutput, ResponseDraft, TranslatedOutput, check_tools,
+                                         input_items, to_chat_request)
+from .responsestore import StoredResponse
+from .upstream import Transfer
+
+log = logging.getLogger(__name__)
+
+
+def not_found(response_id: str, param: str = "response_id") -> NotFoundError:
+    return NotFoundError(f"No response found with id '{response_id[:100]}'.", param=param)
+
+
+class ResponseOwner:
+    """Who may see a stored response: the key that created it, and admins (the master key)."""
+
+    @staticmethod
+    def token(principal) -> str:
+        return (principal.token or "") if principal is not None else ""
+
+    @staticmethod
+    def admin(principal) -> bool:
+        return principal is None or principal.is_admin
+
+
+class ResponsesHandler(LLMHandler):
+    endpoint = "responses"
+    items: list[dict] | None = None         # the conversation sent (earlier turns, then this input)
+    previous: StoredResponse | None = None  # what previous_response_id names, when the gateway holds it
+
+    async def call_with_fallbacks(self, body: dict) -> None:
+        await self.load_previous(body)
+        await super().call_with_fallbacks(body)
+        self.keep_response(body)
+
+    async def load_previous(self, body: dict) -> None:
+        """The conversation a translated call sends: the stored turns ``previous_response_id``
+        continues, then this request's input. An id the gateway does not hold is a 404, unless
+        the model has pass-through deployments (their provider holds its own responses)."""
+        self.items = input_items(body.get("input"))
+        previous_id = body.get("previous_response_id")
+        if previous_id is None:
+            return
+        record = await self.gw.responses.get(previous_id)
+        if record is not None and not record.visible_to(ResponseOwner.token(self.principal),
+                                                        ResponseOwner.admin(self.principal)):
+            record = None
+        if record is None:
+            deployments = self.gw.registry.resolve(body["model"])
+            if not any(self.passes_through(d.provider) for d in deployments) or "mock_response" in body:
+                raise not_found(previous_id, "previous_response_id")
+            return
+        self.previous = record
+        if not record.passthrough:
+            self.items = record.conversation() + self.items
+
+    @staticmethod
+    def passes_through(provider_name: str) -> bool:
+        provider = PROVIDERS.get(provider_name)
+        return provider is not None and "responses" in provider.passthrough_endpoints
+
+    def translate(self, provider: Provider, body: dict) -> tuple[str, dict]:
+        if self.endpoint in provider.passthrough_endpoints:
+            self.output = PassThroughOutput()
+            return self.endpoint, body
+        check_tools(body)
+        if body.get("previous_response_id") is not None and (self.previous is None or self.previous.passthrough):
+            raise not_found(body["previous_response_id"], "previous_response_id")
+        self.output = TranslatedOutput(ResponseDraft.of(body))
+        return "chat", to_chat_request(body, self.items)
+
+    def keep_response(self, body: dict) -> None:
+        """Store the answer (``store`` defaults to true, as OpenAI's): a translated response
+        whole, a pass-through one as the deployment that holds it. Memory now, the database in
+        the background: the answer has already gone out."""
+        final = getattr(self.output, "final", None)
+        d = self.ctx.deployment
+        if body.get("store") is False or not isinstance(final, dict) or not isinstance(final.get("id"), str) \
+                or d is None:
+            return
+        owner = ResponseOwner.token(self.principal)
+        if isinstance(self.output, PassThroughOutput):
+            record = StoredResponse(id=final["id"], owner=owner, model=body["model"], deployment_id=d.id,
+                                    created_at=time.time())
+        else:
+            record = StoredResponse(id=final["id"], owner=owner, model=body["model"], response=final,
+                                    input_items=self.items, created_at=final.get("created_at") or time.time())
+        self.gw.responses.save(record)
+
+
+class ResponseHandler(BaseHandler):
+    """``GET`` / ``DELETE /v1/responses/{response_id}``: a stored response (404 when the caller
+    did not create it, unless it is the master key); a pass-through one is asked of the
+    deployment that holds it."""
+
+    async def get(self, response_id: str) -> None:
+        record = await self.find(response_id)
+        if record.passthrough:
+            await self.forward(record, "GET")
+            return
+        self.write_json(record.response)
+
+    async def delete(self, response_id: str) -> None:
+        record = await self.find(response_id)
+        if record.passthrough:
+            await self.forward(record, "DELETE")
+            if self.get_status() < 300:
+                await self.gw.responses.delete(response_id)
+            return
+        await self.gw.responses.delete(response_id)
+        self.write_json({"id": response_id, "object": "response", "deleted": True})
+
+    async def find(self, response_id: str) -> StoredResponse:
+        record = await self.gw.responses.get(response_id)
+        if record is None or not record.visible_to(ResponseOwner.token(self.principal),
+                                                   ResponseOwner.admin(self.principal)):
+            raise not_found(response_id)
+        return record
+
+    async def forward(self, record: StoredResponse, method: str) -> None:
+        d = self.gw.registry.by_id.get(record.deployment_id or "")
+        if d is None:
+            raise NotFoundError(f"Response '{record.id[:100]}' was answered by deployment {record.deployment_id}, "
+                                "which is no longer configured.", param="response_id")
+        self.ctx.deployment = d
+        self.set_model_headers(d)
+        provider = PROVIDERS[d.provider]
+        request = provider.stored_response_request(d, method, record.id)
+        started = time.perf_counter()
+        with naming_deployment(d, self.ctx.call_id):
+            reply = await self.gw.upstream.fetch(request, d.timeout or self.gw.settings.timeout, Transfer())
+        self.ctx.upstream_s = time.perf_counter() - started
+        if not 200 <= reply.status < 300:
+            error: ProxyError = provider.parse_error(reply, d)
+            raise d.scrubber.error(error)
+        self.set_status(reply.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(reply.body)
+
+
+HANDLERS = {"responses": ResponsesHandler, "response": ResponseHandler}
