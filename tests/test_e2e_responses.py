@@ -39,6 +39,12 @@ model_list:
   - model_name: azure-native
     litellm_params: {{model: azure/my-resp, api_base: "http://127.0.0.1:{openai_fake.port}", api_key: {PROVIDER_KEY},
                       api_version: "2025-04-01-preview"}}
+  - model_name: pair  # two deployments holding their own responses
+    litellm_params: {{model: openai/gpt-4o-mini, api_base: "{openai_fake.base}", api_key: {PROVIDER_KEY}}}
+    model_info: {{id: pair-a}}
+  - model_name: pair
+    litellm_params: {{model: openai/gpt-4o-mini, api_base: "{openai_fake.base}", api_key: {PROVIDER_KEY}}}
+    model_info: {{id: pair-b}}
   - model_name: compat
     litellm_params: {{model: hosted_vllm/llama-3-8b, api_base: "{compat_fake.base}", api_key: {PROVIDER_KEY}}}
   - model_name: claude
@@ -159,6 +165,30 @@ async def test_passthrough_conversation_get_delete(client, gw, fetch, fake_opena
     assert first.id not in fake_openai.responses
     r = await fetch(gw, f"/v1/responses/{first.id}")
     assert r.code == 404 and error_of(r)["param"] == "response_id"
+
+
+async def test_passthrough_follow_up_goes_to_the_deployment_holding_it(client):
+    first = await client.responses.with_raw_response.create(model="pair", input="hi")
+    held = first.headers["x-litellm-model-id"]
+    previous = first.parse().id
+    for _ in range(6):  # unpinned, a shuffle over two would pick the same one 6 times in 1 of 64
+        r = await client.responses.with_raw_response.create(model="pair", input="again",
+                                                            previous_response_id=previous)
+        assert r.headers["x-litellm-model-id"] == held
+    got = await client.responses.with_raw_response.retrieve(previous)
+    assert got.headers["x-litellm-model-id"] == held
+
+
+async def test_translated_conversation_continues_on_a_passthrough_model(client, fake_openai):
+    first = await client.responses.create(model="compat", input="My name is Ann.")
+    second = await client.responses.create(model="gpt-native", input="Who am I?", previous_response_id=first.id)
+    assert second.output_text == "echo: Who am I?"
+    sent = fake_openai.received[-1].body
+    assert "previous_response_id" not in sent  # OpenAI does not hold the translated turn: it is sent
+    assert sent["input"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "My name is Ann."}]},
+        first.output[0].model_dump(exclude_none=True),
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Who am I?"}]}]
 
 
 async def test_azure_passthrough(client, fake_openai):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Sequence
 
 from .errors import NotFoundError, ProxyError
 from .handlers import BaseHandler
 from .llm import LLMHandler, naming_deployment
 from .providers import PROVIDERS
-from .providers.base import Provider
+from .providers.base import Deployment, Provider
 from .providers.responses_format import (PassThroughOutput, ResponseDraft, TranslatedOutput, check_tools,
                                          input_items, to_chat_request)
 from .responsestore import StoredResponse
@@ -79,9 +80,20 @@ class ResponsesHandler(LLMHandler):
         provider = PROVIDERS.get(provider_name)
         return provider is not None and "responses" in provider.passthrough_endpoints
 
+    async def call_group(self, deployments: Sequence[Deployment], body: dict, retries: int,
+                         deadline: float) -> ProxyError | None:
+        """A follow-up of a pass-through response goes to the deployment that holds it."""
+        held = self.previous.deployment_id if self.previous is not None and self.previous.passthrough else None
+        pinned = tuple(d for d in deployments if d.id == held)
+        return await super().call_group(pinned or deployments, body, retries, deadline)
+
     def translate(self, provider: Provider, body: dict) -> tuple[str, dict]:
         if self.endpoint in provider.passthrough_endpoints:
             self.output = PassThroughOutput()
+            if self.previous is not None and not self.previous.passthrough:
+                # the gateway holds the earlier turns, the provider does not: send them as input
+                body = {k: v for k, v in body.items() if k != "previous_response_id"}
+                body["input"] = self.items
             return self.endpoint, body
         check_tools(body)
         if body.get("previous_response_id") is not None and (self.previous is None or self.previous.passthrough):

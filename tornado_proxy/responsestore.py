@@ -70,7 +70,6 @@ class ResponseStore:
         self.db = db
         self.max_in_memory = max_in_memory
         self.memory: OrderedDict[str, StoredResponse] = OrderedDict()
-        self.deleted: set[str] = set()  # deleted here while a write may still be running
         self.writes: set[asyncio.Task] = set()
         self.write_failures = 0  # a counter for tests and logs
 
@@ -104,7 +103,7 @@ class ResponseStore:
         if record is not None:
             self.memory.move_to_end(response_id)
             return record
-        if self.db is None or response_id in self.deleted:
+        if self.db is None:
             return None
         try:
             record = await fetch(self.db, response_id)
@@ -118,7 +117,6 @@ class ResponseStore:
     async def delete(self, response_id: str) -> bool:
         found = self.memory.pop(response_id, None) is not None
         if self.db is not None:
-            self.deleted.add(response_id)
             await asyncio.gather(*self.writes, return_exceptions=True)  # a row being written goes too
             found = await remove(self.db, response_id) or found
         return found
