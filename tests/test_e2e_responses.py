@@ -154,6 +154,9 @@ async def test_passthrough_conversation_get_delete(client, gw, fetch, fake_opena
     second = await client.responses.create(model="gpt-native", input="who am I?", previous_response_id=first.id)
     assert second.output_text == "echo: who am I?"
     assert fake_openai.received[-1].body["previous_response_id"] == first.id  # the provider continues it
+    with pytest.raises(openai.BadRequestError) as info:  # a chat-translated model cannot read OpenAI's copy
+        await client.responses.create(model="compat", input="and?", previous_response_id=first.id)
+    assert info.value.body["param"] == "previous_response_id"
 
     got = await client.responses.retrieve(first.id)
     assert got.id == first.id and got.output_text == "echo: my name is Ann"

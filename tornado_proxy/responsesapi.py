@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Sequence
 
-from .errors import NotFoundError, ProxyError
+from .errors import InvalidRequestError, NotFoundError, ProxyError
 from .handlers import BaseHandler
 from .llm import LLMHandler, naming_deployment
 from .providers import PROVIDERS
@@ -96,8 +96,13 @@ class ResponsesHandler(LLMHandler):
                 body["input"] = self.items
             return self.endpoint, body
         check_tools(body)
-        if body.get("previous_response_id") is not None and (self.previous is None or self.previous.passthrough):
-            raise not_found(body["previous_response_id"], "previous_response_id")
+        previous_id = body.get("previous_response_id")
+        if previous_id is not None and self.previous is None:
+            raise not_found(previous_id, "previous_response_id")
+        if previous_id is not None and self.previous.passthrough:
+            raise InvalidRequestError(
+                f"Response '{previous_id[:100]}' is held by the provider of an openai/ or azure/ model, which this "
+                f"model ({body['model']}) cannot read: continue it on that model.", param="previous_response_id")
         self.output = TranslatedOutput(ResponseDraft.of(body))
         return "chat", to_chat_request(body, self.items)
 

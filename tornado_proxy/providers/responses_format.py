@@ -75,7 +75,7 @@ def to_chat_request(body: dict, items: list[dict]) -> dict:
     out: dict[str, Any] = {"model": body["model"], "messages": chat_messages(items, body.get("instructions"))}
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
-    for name in ("temperature", "top_p", "user", "mock_response"):
+    for name in ("temperature", "top_p", "user", "mock_response", "drop_params"):
         if body.get(name) is not None:
             out[name] = body[name]
     tools = [chat_tool(t) for t in body.get("tools") or ()]
