@@ -9,13 +9,15 @@ from __future__ import annotations
 import orjson
 import openai
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 from tornado_proxy.db import Database
+from tornado_proxy.errors import DatabaseUnavailable
 from tornado_proxy.responsestore import ResponseStore, StoredResponse
 from tornado_proxy.sse import SseParser
 
-from .conftest import MASTER_KEY, PROVIDER_KEY, error_of, wait_for
+from .conftest import MASTER_KEY, PROVIDER_KEY, admin_sql, error_of, wait_for
 
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city",
                 "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
@@ -446,4 +448,30 @@ async def test_store_keeps_serving_when_postgres_is_unreachable(caplog):
     assert store.write_failures == 1
     assert "memory only" in caplog.text
     assert await store.get("resp_1") is record
-    assert await store.get("resp_other") is None  # an id not in memory: the database cannot say
+    with pytest.raises(DatabaseUnavailable):  # an id not in memory: only the database could say
+        await store.get("resp_other")
+
+
+async def test_postgres_outage_keeps_answering(gateway, fakes, pg_dsn, pg_server, fetch, caplog):
+    """PostgreSQL refusing connections: answers still go out, the response is kept in memory (and
+    continues from there); an id only the database could know is a 503, not a guessed 404."""
+    gw = await gateway(yaml_for(fakes, pg_dsn))
+    name = psycopg2.extensions.parse_dsn(pg_dsn)["dbname"]
+    admin_sql(pg_server, f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+    admin_sql(pg_server, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+    try:
+        r = await fetch(gw, "/v1/responses", {"model": "compat", "input": "during the outage"})
+        assert r.code == 200
+        made = orjson.loads(r.body)
+        await wait_for(lambda: "kept in this worker's memory only" in caplog.text, 10)
+        r = await fetch(gw, f"/v1/responses/{made['id']}")
+        assert r.code == 200 and orjson.loads(r.body) == made
+        r = await fetch(gw, "/v1/responses", {"model": "compat", "input": "next", "previous_response_id": made["id"]})
+        assert r.code == 200
+        assert [m["content"] for m in fakes["compat"].received[-1].body["messages"]] == [
+            "during the outage", "echo: during the outage", "next"]
+        r = await fetch(gw, "/v1/responses/resp_elsewhere")
+        assert r.code == 503 and error_of(r)["param"] == "response_id"
+    finally:
+        admin_sql(pg_server, f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+    assert query(pg_dsn, "SELECT count(*) FROM proxy_responses")[0][0] == 0

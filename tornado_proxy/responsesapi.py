@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Sequence
 
-from .errors import InvalidRequestError, NotFoundError, ProxyError
+from .errors import DatabaseUnavailable, InvalidRequestError, NotFoundError, ProxyError, ServiceUnavailableError
 from .handlers import BaseHandler
 from .llm import LLMHandler, naming_deployment
 from .providers import PROVIDERS
@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 
 def not_found(response_id: str, param: str = "response_id") -> NotFoundError:
     return NotFoundError(f"No response found with id '{response_id[:100]}'.", param=param)
+
+
+async def stored(gw, response_id: str, param: str = "response_id") -> StoredResponse | None:
+    """The stored response (None when there is none); a 503 when only the database could say
+    and it does not answer."""
+    try:
+        return await gw.responses.get(response_id)
+    except DatabaseUnavailable as exc:
+        raise ServiceUnavailableError(f"Database unavailable ({exc}): response '{response_id[:100]}' is not in "
+                                      "this worker's memory and could not be looked up.", param=param) from None
 
 
 class ResponseOwner:
@@ -62,7 +72,7 @@ class ResponsesHandler(LLMHandler):
         previous_id = body.get("previous_response_id")
         if previous_id is None:
             return
-        record = await self.gw.responses.get(previous_id)
+        record = await stored(self.gw, previous_id, "previous_response_id")
         if record is not None and not record.visible_to(ResponseOwner.token(self.principal),
                                                         ResponseOwner.admin(self.principal)):
             record = None
@@ -142,13 +152,23 @@ class ResponseHandler(BaseHandler):
         if record.passthrough:
             await self.forward(record, "DELETE")
             if self.get_status() < 300:
-                await self.gw.responses.delete(response_id)
+                try:
+                    await self.gw.responses.delete(response_id)
+                except DatabaseUnavailable as exc:  # deleted where it lives; only the record stays
+                    log.warning("response %s: deleted by its provider, its record stays (%s)", response_id, exc)
             return
-        await self.gw.responses.delete(response_id)
+        await self.forget(response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})
 
+    async def forget(self, response_id: str) -> None:
+        try:
+            await self.gw.responses.delete(response_id)
+        except DatabaseUnavailable as exc:
+            raise ServiceUnavailableError(f"Database unavailable ({exc}): response '{response_id[:100]}' was not "
+                                          "deleted.", param="response_id") from None
+
     async def find(self, response_id: str) -> StoredResponse:
-        record = await self.gw.responses.get(response_id)
+        record = await stored(self.gw, response_id)
         if record is None or not record.visible_to(ResponseOwner.token(self.principal),
                                                    ResponseOwner.admin(self.principal)):
             raise not_found(response_id)

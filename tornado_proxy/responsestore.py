@@ -6,7 +6,8 @@ Each worker keeps the latest ``MAX_IN_MEMORY`` responses it saved or read (least
 forgotten first). With database storage on, every response is also written to PostgreSQL, off
 the answer path (a background task started after the answer went out); a write that fails is
 logged and the response stays in memory. A lookup reads memory first and PostgreSQL only for an
-id this worker does not hold; a database that does not answer is logged and counts as not found.
+id this worker does not hold; when the database does not answer then, ``DatabaseUnavailable`` is
+raised (the handlers answer 503: "not found" would be a guess).
 
 Two kinds of rows: a translated model's response (``response`` + the conversation's
 ``input_items``, from which a follow-up turn is built), and a pass-through record (an
@@ -105,11 +106,7 @@ class ResponseStore:
             return record
         if self.db is None:
             return None
-        try:
-            record = await fetch(self.db, response_id)
-        except DatabaseUnavailable as exc:
-            log.warning("response %s: not in memory and the database is unavailable (%s)", response_id, exc)
-            return None
+        record = await fetch(self.db, response_id)  # DatabaseUnavailable: the caller answers 503
         if record is not None:
             self.remember(record)
         return record

@@ -395,7 +395,7 @@ class ResponsesHandler(BaseHandler):
                     "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
                     "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": use,
                     "user": body.get("user"), "metadata": body.get("metadata") or {}}
-        if body.get("store", True):
+        if body.get("store", True) and state.record:  # standalone (benchmark) mode keeps nothing
             state.responses[rid] = (response, items + [item])
         if not self.streaming:
             return self.send_json(response)

@@ -12,6 +12,7 @@ provider for one is a 400 naming it.
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -220,7 +221,7 @@ class ResponseDraft:
 
     @classmethod
     def of(cls, body: dict) -> "ResponseDraft":
-        echo = {name: body.get(name, default) if body.get(name) is not None else default
+        echo = {name: body[name] if body.get(name) is not None else copy.copy(default)
                 for name, default in ECHOED.items()}
         reasoning = body.get("reasoning") or {}
         echo["reasoning"] = {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
