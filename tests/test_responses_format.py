@@ -153,7 +153,7 @@ def test_chat_answer_becomes_a_response():
                           "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 8}
     cut = to_response({"choices": [{"finish_reason": "length", "message": {"content": "a"}}]}, draft)
     assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
-    assert cut["model"] == "grp"
+    assert cut["model"] == "grp" and cut["output"][0]["status"] == "incomplete"
 
 
 def test_usage_conversions():
@@ -215,6 +215,7 @@ def test_length_stream_ends_incomplete_and_failure_ends_failed():
     got = events(stream.feed(chunk({"content": "a"}, "length")) + stream.end())
     assert got[-1][0] == "response.incomplete"
     assert got[-1][1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert got[-2][0] == "response.output_item.done" and got[-2][1]["item"]["status"] == "incomplete"
 
     stream = ChunksToEvents(ResponseDraft.of({"model": "grp"}))
     got = events(stream.feed(chunk({"content": "a"})) + stream.failed(UpstreamError("boom", status=502)))

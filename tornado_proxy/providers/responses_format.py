@@ -260,9 +260,9 @@ def chat_usage(usage) -> dict | None:
     return out
 
 
-def message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status == "completed" \
-        else []
+def message_item(text: str | None, status: str = "completed", item_id: str | None = None) -> dict:
+    """An assistant message item (``text`` None: one still empty, as ``output_item.added`` shows it)."""
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     return {"id": item_id or new_id("msg"), "type": "message", "status": status, "role": "assistant",
             "content": content}
 
@@ -280,12 +280,14 @@ def to_response(chat: dict, draft: ResponseDraft) -> dict:
     text = msg.get("content")
     if isinstance(text, list):
         text = "".join(p.get("text", "") for p in text if isinstance(p, dict) and p.get("type") == "text")
+    incomplete = INCOMPLETE.get(choice.get("finish_reason"))
+    status = "incomplete" if incomplete else "completed"
     if text:
-        output.append(message_item(text))
+        output.append(message_item(text, status))
     for call in msg.get("tool_calls") or ():
         fn = call.get("function") or {}
-        output.append(call_item(call.get("id") or new_id("call"), fn.get("name") or "", fn.get("arguments") or ""))
-    incomplete = INCOMPLETE.get(choice.get("finish_reason"))
+        output.append(call_item(call.get("id") or new_id("call"), fn.get("name") or "", fn.get("arguments") or "",
+                                status))
     return draft.response("incomplete" if incomplete else "completed", output, responses_usage(chat.get("usage")),
                           model=chat.get("model"), incomplete=incomplete)
 
@@ -370,25 +372,25 @@ class ChunksToEvents:
 
     def open_message(self) -> list[bytes]:
         self.open_key, self.text = ("text",), ""
-        self.open = message_item("", "in_progress")
+        self.open = message_item(None, "in_progress")
         where = {"item_id": self.open["id"], "output_index": len(self.output)}
         return [self.event("response.output_item.added", {"output_index": len(self.output), "item": self.open}),
                 self.event("response.content_part.added", {**where, "content_index": 0, "part": {
                     "type": "output_text", "text": "", "annotations": [], "logprobs": []}})]
 
-    def close(self) -> list[bytes]:
+    def close(self, status: str = "completed") -> list[bytes]:
         if self.open is None:
             return []
         item, index, out = self.open, len(self.output), []
         where = {"item_id": item["id"], "output_index": index}
         if item["type"] == "message":
-            done = message_item(self.text, item_id=item["id"])
+            done = message_item(self.text, status, item_id=item["id"])
             part = done["content"][0]
             out += [self.event("response.output_text.done", {**where, "content_index": 0, "text": self.text,
                                                              "logprobs": []}),
                     self.event("response.content_part.done", {**where, "content_index": 0, "part": part})]
         else:
-            done = call_item(item["call_id"], item["name"], self.text, item_id=item["id"])
+            done = call_item(item["call_id"], item["name"], self.text, status, item_id=item["id"])
             out.append(self.event("response.function_call_arguments.done", {**where, "name": item["name"],
                                                                             "arguments": self.text}))
         out.append(self.event("response.output_item.done", {"output_index": index, "item": done}))
@@ -397,8 +399,8 @@ class ChunksToEvents:
         return out
 
     def end(self) -> bytes:
-        out = self.start() + self.close()
         incomplete = INCOMPLETE.get(self.finish)
+        out = self.start() + self.close("incomplete" if incomplete else "completed")
         self.final = self.draft.response("incomplete" if incomplete else "completed", self.output,
                                          responses_usage(self.usage), model=self.model, incomplete=incomplete)
         name = "response.incomplete" if incomplete else "response.completed"
