@@ -42,6 +42,11 @@ async def stored(gw, response_id: str, param: str = "response_id") -> StoredResp
                                       "this worker's memory and could not be looked up.", param=param) from None
 
 
+def without_ids(item: dict) -> dict:
+    """A stored item as input to another provider: the ids the gateway made up mean nothing there."""
+    return {k: v for k, v in item.items() if k not in ("id", "status")}
+
+
 class ResponseOwner:
     """Who may see a stored response: the key that created it, and admins (the master key)."""
 
@@ -103,7 +108,7 @@ class ResponsesHandler(LLMHandler):
             if self.previous is not None and not self.previous.passthrough:
                 # the gateway holds the earlier turns, the provider does not: send them as input
                 body = {k: v for k, v in body.items() if k != "previous_response_id"}
-                body["input"] = self.items
+                body["input"] = [without_ids(item) for item in self.items]
             return self.endpoint, body
         check_tools(body)
         previous_id = body.get("previous_response_id")
