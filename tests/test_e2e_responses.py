@@ -417,10 +417,13 @@ async def test_postgres_shares_responses_between_instances(gateway, fakes, pg_ds
         "My name is Ann.", "echo: My name is Ann.", "Who?"]
     r = await fetch(two, f"/v1/responses/{first['id']}")
     assert r.code == 200 and orjson.loads(r.body) == first
-    await wait_for(lambda: len(query(pg_dsn, "SELECT 1 FROM proxy_spend_logs")) == 2)
-    rows = query(pg_dsn, "SELECT call_type, prompt_tokens, completion_tokens FROM proxy_spend_logs "
-                         "ORDER BY start_time")
-    assert rows == [("aresponses", 4, 5), ("aresponses", 10, 2)]
+    r = await fetch(two, "/v1/responses", {"model": "gpt-native", "input": "hello big world", "stream": True})
+    assert r.code == 200  # a pass-through stream: its usage comes from response.completed
+    await wait_for(lambda: len(query(pg_dsn, "SELECT 1 FROM proxy_spend_logs")) == 3)
+    rows = query(pg_dsn, "SELECT call_type, prompt_tokens, completion_tokens, custom_llm_provider "
+                         "FROM proxy_spend_logs ORDER BY start_time")
+    assert rows == [("aresponses", 4, 5, "hosted_vllm"), ("aresponses", 10, 2, "hosted_vllm"),
+                    ("aresponses", 3, 4, "openai")]
 
 
 async def test_virtual_key_sees_only_its_responses(gateway, fakes, pg_dsn, fetch):
