@@ -59,9 +59,11 @@ def check_tools(body: dict) -> None:
     if isinstance(choice, dict) and choice.get("type") not in ("function", "allowed_tools"):
         raise InvalidRequestError(f"tool_choice of type '{shown(choice.get('type'))}' names an OpenAI built-in "
                                   "tool, which this model cannot run.", param="tool_choice.type")
-    if body.get("background"):
-        raise InvalidRequestError("background responses are only available on openai/ and azure/ models.",
-                                  param="background")
+    for name, what in (("background", "background responses"), ("prompt", "stored prompt templates"),
+                       ("conversation", "conversations")):
+        if body.get(name):
+            raise InvalidRequestError(f"{what.capitalize()} ({name}) are only available on openai/ and azure/ "
+                                      "models.", param=name)
 
 
 def input_items(value) -> list[dict]:
