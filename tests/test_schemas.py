@@ -45,6 +45,16 @@ VALID = [
     ("embeddings", {"model": "m", "input": ["a", "b"], "encoding_format": "float", "dimensions": 8}),
     ("embeddings", {"model": "m", "input": [1, 2, 3]}),
     ("embeddings", {"model": "m", "input": [[1, 2], [3]], "encoding_format": "base64"}),
+    ("responses", {"model": "m", "input": "hi"}),
+    ("responses", {"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": "x"}]},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "ok"}],
+        "instructions": "s", "previous_response_id": "resp_1", "store": False, "stream": True, "max_output_tokens": 9,
+        "tools": [{"type": "function", "name": "f", "parameters": {}}, {"type": "web_search_preview"}],
+        "tool_choice": {"type": "function", "name": "f"}, "text": {"format": {"type": "json_object"}},
+        "reasoning": {"effort": "low"}, "include": ["reasoning.encrypted_content"], "truncation": "auto",
+        "metadata": {"a": "b"}, "parallel_tool_calls": False, "temperature": None}),
 ]
 
 
@@ -102,6 +112,15 @@ INVALID = [
     ("embeddings", {"model": "m", "input": "x", "encoding_format": "hex"}, "encoding_format",
      "Invalid value for 'encoding_format'"),
     ("embeddings", {"model": "m", "input": "x", "dimensions": 0}, "dimensions", "Invalid value for 'dimensions'"),
+    ("responses", {"input": "x"}, "model", "Missing required parameter: 'model'"),
+    ("responses", {"model": "m", "input": 5}, "input", "expected a string or an array"),
+    ("responses", {"model": "m", "input": ["hi"]}, "input[0]", "expected an object"),
+    ("responses", {"model": "m", "input": "x", "tools": [{"name": "f"}]}, "tools[0].type",
+     "Missing required parameter"),
+    ("responses", {"model": "m", "input": "x", "max_output_tokens": "9"}, "max_output_tokens", "expected an integer"),
+    ("responses", {"model": "m", "input": "x", "store": "no"}, "store", "expected a boolean or null"),
+    ("responses", {"model": "m", "input": "x", "previous_response_id": 7}, "previous_response_id",
+     "expected a string or null"),
 ]
 
 

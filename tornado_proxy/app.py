@@ -9,7 +9,7 @@ import secrets
 
 import tornado.web
 
-from . import admin, handlers, keyadmin, llm, media, messages, routes, spendadmin
+from . import admin, handlers, keyadmin, llm, media, messages, responsesapi, routes, spendadmin
 from .cache import build_cache
 from .cachekey import CacheSettings
 from .catalog import Catalog
@@ -19,6 +19,7 @@ from .handlers import CallContext
 from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
 from .ratelimit import LimitTable, RateLimiter, redis_client
+from .responsestore import ResponseStore
 from .registry import Registry, build_registry
 from .router import Router, RouterSettings, with_settings
 from .budget import BudgetReset
@@ -37,8 +38,8 @@ RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_tim
                 "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size",
                 "redis_host", "redis_port", "redis_password", "redis_url")
 
-HANDLERS = {**llm.HANDLERS, **messages.HANDLERS, **media.HANDLERS, **admin.HANDLERS, **keyadmin.HANDLERS,
-            **spendadmin.HANDLERS}
+HANDLERS = {**llm.HANDLERS, **messages.HANDLERS, **media.HANDLERS, **responsesapi.HANDLERS, **admin.HANDLERS,
+            **keyadmin.HANDLERS, **spendadmin.HANDLERS}
 
 
 class Gateway:
@@ -66,6 +67,8 @@ class Gateway:
         self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis)
         db = self.catalog.store.db if self.catalog.store is not None else None
         self.spend_store = SpendStore(db) if db is not None else None
+        # Responses API responses of translated models (previous_response_id, GET / DELETE)
+        self.responses = ResponseStore(db)
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
                                  self.settings.spend_queue_size, self.metrics.spend_log_dropped)
         self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)
@@ -110,6 +113,7 @@ class Gateway:
         await self.health.stop()
         await self.budget_reset.stop()
         await self.spend.stop(self.settings.graceful_shutdown_timeout or 5.0)
+        await self.responses.stop()
         await self.tenants.stop()
         if self.shared_counters is not None:
             await self.shared_counters.stop()

@@ -33,8 +33,8 @@ DONE_EVENT = format_event(DONE)
 MAX_NON_STREAM_BODY = 65536  # what is kept of a 2xx answer to a streamed request that is not a stream
 # The spend log's call_type per endpoint (LiteLLM's names)
 CALL_TYPES = {"chat": "acompletion", "completions": "atext_completion", "embeddings": "aembedding",
-              "messages": "anthropic_messages", "moderation": "amoderation", "image_generation": "aimage_generation",
-              "audio_speech": "aspeech", "audio_transcription": "atranscription",
+              "messages": "anthropic_messages", "responses": "aresponses", "moderation": "amoderation",
+              "image_generation": "aimage_generation", "audio_speech": "aspeech", "audio_transcription": "atranscription",
               "audio_translation": "atranscription"}
 
 

@@ -5,6 +5,12 @@ from the path, ``api-version`` is required (404 "Resource not found" without it)
 gets Azure's 401 body, and chat replies carry ``prompt_filter_results`` (a stream opens with a
 chunk that has no choices, only those results).
 
+``/v1/responses`` is OpenAI's Responses API: the fake answers ``response`` objects (or the typed
+event stream, ``event:`` lines and ``sequence_number``s, no ``[DONE]``), keeps them (``store``,
+default true) for ``previous_response_id`` and ``GET`` / ``DELETE /v1/responses/{id}``, and
+echoes the last user text or function-call output (a function call when tools are offered and
+the last user text asks about the weather). Azure's ``/openai/responses?api-version=`` too.
+
 Tests serve it in-process with `common.listen(make_app(FakeState(...)))`, turn the knobs on the
 state and assert on `state.received`. The benchmark runs it standalone:
 
@@ -106,6 +112,7 @@ class FakeState:
     received: list[Received] = field(default_factory=list)
     stream_aborted: bool = False  # a client left before [DONE]
     streams_finished: int = 0  # streams that sent [DONE]
+    responses: dict = field(default_factory=dict)  # Responses API: id -> (response, conversation items)
 
     def count(self, path_suffix: str) -> int:
         return sum(1 for r in self.received if r.path.endswith(path_suffix))
@@ -171,7 +178,7 @@ class BaseHandler(FakeHandler):
         super().initialize(state)
         self.body: dict = {}
         self.include_usage = False
-        self.azure = "/openai/deployments/" in self.request.path
+        self.azure = "/openai/deployments/" in self.request.path or "/openai/responses" in self.request.path
 
     def set_default_headers(self) -> None:
         self.set_header("content-type", "application/json")
@@ -539,6 +546,119 @@ class TranscriptionsHandler(BaseHandler):
         self.send_json({"text": text, "usage": use})
 
 
+def response_items(value) -> list[dict]:
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    return [item for item in value or () if isinstance(item, dict)]
+
+
+def item_text(item: dict) -> str:
+    if item.get("type") == "function_call_output":
+        out = item.get("output")
+        return out if isinstance(out, str) else text_of(out)
+    content = item.get("content")
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
+class ResponsesHandler(BaseHandler):
+    """``POST /v1/responses`` as OpenAI answers it (see the module doc)."""
+
+    async def post(self) -> None:
+        body, state = self.body, self.state
+        items = response_items(body.get("input"))
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if previous not in state.responses:
+                return self.fail(400, f"Previous response with id '{previous}' not found.",
+                                 code="previous_response_not_found", param="previous_response_id")
+            items = state.responses[previous][1] + items
+        last = items[-1] if items else {}
+        words = sum(len(item_text(i).split()) for i in items) + len((body.get("instructions") or "").split())
+        tools = [t for t in body.get("tools") or () if t.get("type") == "function"]
+        rid, created = "resp_" + uuid.uuid4().hex, int(time.time())
+        if tools and last.get("role") == "user" and "weather" in item_text(last).lower():
+            args = '{"location":"Paris"}'
+            pieces = re.findall(r"\w+|\W+", args)
+            item = {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": "completed",
+                    "call_id": "call_" + uuid.uuid4().hex[:24], "name": tools[0].get("name"), "arguments": args}
+        else:
+            pieces = self.reply_pieces(item_text(last))
+            item = {"id": "msg_" + uuid.uuid4().hex, "type": "message", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "".join(pieces), "annotations": [], "logprobs": []}]}
+        use = {"input_tokens": words, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(pieces),
+               "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": words + len(pieces)}
+        response = {"id": rid, "object": "response", "created_at": created, "status": "completed", "error": None,
+                    "incomplete_details": None, "instructions": body.get("instructions"),
+                    "max_output_tokens": body.get("max_output_tokens"), "model": body["model"], "output": [item],
+                    "parallel_tool_calls": True, "previous_response_id": previous, "store": body.get("store", True),
+                    "temperature": body.get("temperature", 1.0), "text": {"format": {"type": "text"}},
+                    "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+                    "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": use,
+                    "user": body.get("user"), "metadata": body.get("metadata") or {}}
+        if body.get("store", True) and state.record:  # standalone (benchmark) mode keeps nothing
+            state.responses[rid] = (response, items + [item])
+        if not self.streaming:
+            return self.send_json(response)
+        await self.send_events(response, item, pieces)
+
+    async def send_events(self, response: dict, item: dict, pieces: list[str]) -> None:
+        state = self.state
+        self.set_header("content-type", "text/event-stream")
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item["id"], "output_index": 0}
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            opened = {**item, "status": "in_progress", "content": []}
+            content = [("response.output_text.delta", {**where, "content_index": 0, "delta": p, "logprobs": []})
+                       for p in pieces]
+            closing = [("response.output_text.done", {**where, "content_index": 0, "text": text, "logprobs": []}),
+                       ("response.content_part.done", {**where, "content_index": 0, "part": item["content"][0]})]
+            head = [("response.output_item.added", {"output_index": 0, "item": opened}),
+                    ("response.content_part.added", {**where, "content_index": 0, "part": part})]
+        else:
+            opened = {**item, "status": "in_progress", "arguments": ""}
+            content = [("response.function_call_arguments.delta", {**where, "delta": p}) for p in pieces]
+            closing = [("response.function_call_arguments.done", {**where, "name": item["name"],
+                                                                   "arguments": item["arguments"]})]
+            head = [("response.output_item.added", {"output_index": 0, "item": opened})]
+        head = [("response.created", {"response": started}), ("response.in_progress", {"response": started}),
+                *head]
+        tail = [*closing, ("response.output_item.done", {"output_index": 0, "item": item}),
+                ("response.completed", {"response": response})]
+        cut = None if state.fail_mid_stream_after is None else len(head) + state.fail_mid_stream_after
+        for i, (name, data) in enumerate(head + content + tail):
+            if i == cut:
+                return self.cut_stream()
+            frame = b"event: " + name.encode() + b"\ndata: " + orjson.dumps(
+                {"type": name, **data, "sequence_number": i}) + b"\n\n"
+            if not await self.send_frame(frame, after_delay=i > 0):
+                return
+        self.end_stream()
+
+
+class StoredResponseHandler(BaseHandler):
+    """``GET`` / ``DELETE /v1/responses/{id}``."""
+
+    def stored(self, response_id: str):
+        found = self.state.responses.get(response_id)
+        if found is None:
+            self.fail(404, f"Response with id '{response_id}' not found.", code=None)
+        return found
+
+    def get(self, response_id: str) -> None:
+        found = self.stored(response_id)
+        if found is not None:
+            self.send_json(found[0])
+
+    def delete(self, response_id: str) -> None:
+        if self.stored(response_id) is not None:
+            del self.state.responses[response_id]
+            self.send_json({"id": response_id, "object": "response", "deleted": True})
+
+
 class ModelsHandler(BaseHandler):
     def get(self) -> None:
         self.send_json({"object": "list", "data": [
@@ -561,6 +681,8 @@ def make_app(state: FakeState) -> tornado.web.Application:
             (r".*/audio/speech", SpeechHandler, args),
             (r".*/audio/(?:transcriptions|translations)", TranscriptionsHandler, args),
             (r".*/chat/completions", ChatCompletionsHandler, args),
+            (r".*/responses", ResponsesHandler, args),
+            (r".*/responses/([^/]+)", StoredResponseHandler, args),
             (r".*/completions", CompletionsHandler, args),
             (r".*/embeddings", EmbeddingsHandler, args),
             (r".*/models", ModelsHandler, args),

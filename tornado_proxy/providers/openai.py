@@ -20,11 +20,13 @@ from .base import (Deployment, Provider, ProviderDefaults, ProviderResponse, Str
                    url_segment)
 from .completions_chat import (COMPLETIONS_VIA_CHAT, chat_request, serves_completions_as_chat,
                                text_completion_bytes, text_completion_chunk)
+from .responses_format import chat_usage
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
                   COMPLETIONS_VIA_CHAT: "/chat/completions", "moderation": "/moderations",
                   "image_generation": "/images/generations", "audio_speech": "/audio/speech",
-                  "audio_transcription": "/audio/transcriptions", "audio_translation": "/audio/translations"}
+                  "audio_transcription": "/audio/transcriptions", "audio_translation": "/audio/translations",
+                  "responses": "/responses"}
 # The images, audio and moderations endpoints: OpenAI's, Azure's and every compatible server's.
 MEDIA_ENDPOINTS = frozenset(("moderation", "image_generation", "audio_speech", "audio_transcription",
                              "audio_translation"))
@@ -45,6 +47,8 @@ class OpenAIProvider(Provider):
     renames: Mapping[str, str] = {}
     stream_usage = True  # asks for stream_options.include_usage on every stream
     media_endpoints = MEDIA_ENDPOINTS
+    # OpenAI's own API serves /v1/responses; OpenAI-compatible servers get it translated to chat
+    passthrough_endpoints = frozenset({"responses"})
 
     def defaults(self, environ: Mapping[str, str]) -> ProviderDefaults:
         base = next((environ[e] for e in self.base_envs if environ.get(e)), self.default_base)
@@ -87,14 +91,25 @@ class OpenAIProvider(Provider):
     def auth_headers(self, d: Deployment) -> dict[str, str]:
         return {"Authorization": "Bearer " + d.api_key.reveal()} if d.api_key else {}
 
+    def stored_response_request(self, d: Deployment, method: str, response_id: str) -> UpstreamRequest:
+        """``GET`` / ``DELETE`` of a response this deployment stored (``/responses/{id}``)."""
+        url, _, query = self.url(d, "responses").partition("?")
+        url = f"{url}/{url_segment(response_id, 'response_id')}" + (f"?{query}" if query else "")
+        return UpstreamRequest(url, method, {**d.extra_headers, **self.auth_headers(d)}, None)
+
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
         parsed = reply_object(reply.body, "The provider")
+        if endpoint == "responses":
+            require_field(parsed, "The provider", ("output", list))
+            return ProviderResponse(reply.body, chat_usage(parsed.get("usage")))
         require_field(parsed, "The provider", REPLY_FIELDS.get(endpoint, ("choices", list)))
         usage = parsed.get("usage")
         body = text_completion_bytes(reply.body) if endpoint == COMPLETIONS_VIA_CHAT else reply.body
         return ProviderResponse(body, usage if isinstance(usage, dict) else None)
 
     def parse_event(self, endpoint: str, data: bytes, state: StreamState) -> list[bytes]:
+        if endpoint == "responses":
+            return self.relay_response_event(data, state)
         if data == DONE:
             state.done = True
             return []
@@ -132,6 +147,30 @@ class OpenAIProvider(Provider):
             state.usage = usage
             if not state.include_usage and not chunk.get("choices"):
                 return []  # the usage chunk the gateway asked for: the client did not
+        return [data]
+
+    def relay_response_event(self, data: bytes, state: StreamState) -> list[bytes]:
+        """``/v1/responses`` pass-through: every typed event goes on as it came, but for an
+        ``error`` event (or one that is not a JSON object), which ends the stream as the gateway's
+        own error event, so that its text is scrubbed; the final event's usage is noted."""
+        if data == DONE:
+            state.done = True
+            return []
+        event = event_object(data) if (b'"error"' in data or b'"usage"' in data or data[:1] != b"{") else {}
+        if event is None:
+            state.error = bad_event("The provider")
+            return []
+        kind = event.get("type")
+        if kind == "error":
+            code = event.get("code")
+            status = 429 if code == "rate_limit_exceeded" else 500
+            state.error = upstream_error(status, f"{self.name.capitalize()}Exception - {error_message(data)}")
+            return []
+        response = event.get("response")
+        if kind in ("response.completed", "response.incomplete", "response.failed") and isinstance(response, dict):
+            state.usage = chat_usage(response.get("usage")) or state.usage
+            state.done = True
+        state.chunks += 1
         return [data]
 
     def stream_error(self, data: bytes) -> ProxyError | None:
@@ -180,6 +219,7 @@ def error_message(body: bytes) -> str:
 
 class OpenRouterProvider(OpenAIProvider):
     name = "openrouter"
+    passthrough_endpoints = frozenset()
     default_base = "https://openrouter.ai/api/v1"
     key_envs = ("OPENROUTER_API_KEY", "OR_API_KEY")
     base_envs = ("OPENROUTER_API_BASE",)
@@ -194,6 +234,7 @@ class OpenRouterProvider(OpenAIProvider):
 # versions (and "v1"/"latest"/"preview", the v1 API) are chosen per deployment or AZURE_API_VERSION.
 AZURE_API_VERSION = "2024-10-21"
 AZURE_V1_VERSIONS = ("v1", "latest", "preview")
+AZURE_FIRST_RESPONSES_VERSION = "2025-03-01-preview"  # the first dated version with /openai/responses
 
 
 class AzureProvider(OpenAIProvider):
@@ -213,6 +254,12 @@ class AzureProvider(OpenAIProvider):
         base = (d.api_base or "").rstrip("/")
         base = base.removesuffix("/openai")  # "https://x.openai.azure.com/openai" works too
         version = d.api_version or AZURE_API_VERSION
+        if endpoint == "responses" and version not in AZURE_V1_VERSIONS:
+            # no deployment in the path: the body's model names it (as Azure's Responses API wants);
+            # versions older than the first with a Responses API use the v1 API
+            if version >= AZURE_FIRST_RESPONSES_VERSION:
+                return f"{base}/openai/responses?api-version={quote(version, safe='')}"
+            version = "v1"
         if version in AZURE_V1_VERSIONS:  # the v1 API: no deployment in the path, model in the body
             url = f"{base}/openai/v1{ENDPOINT_PATHS[endpoint]}"
             return url + "?api-version=preview" if version == "preview" else url
@@ -240,7 +287,7 @@ def compatible(name: str, base: str | None, key_envs: tuple[str, ...], base_envs
     """An OpenAI-compatible provider that differs only in data."""
     return type(f"{name.title().replace('_', '')}Provider", (OpenAIProvider,), {
         "name": name, "default_base": base, "key_envs": key_envs, "base_envs": base_envs,
-        "renames": renames or {}})
+        "renames": renames or {}, "passthrough_endpoints": frozenset()})
 
 
 COMPATIBLE = {
