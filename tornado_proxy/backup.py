@@ -260,7 +260,7 @@ async def insert(cur, section: TableSection, types: list[str], batch: list[list]
         for value, column in zip(row, section.columns):
             if not value_fits(value, column.type):
                 raise DumpError(f"a value of {section.name}.{column.name} is not a {column.type}")
-    template = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+    template = "(" + ", ".join(f"(%s)::{t}" for t in types) + ")"  # (-32768)::smallint, not -(32768::smallint)
     values = b",".join(cur.mogrify(template, row) for row in batch)
     columns = ", ".join(quote(c.name) for c in section.columns)
     await cur.execute(f"INSERT INTO {quote(section.name)} ({columns}) OVERRIDING SYSTEM VALUE VALUES ".encode()
