@@ -211,7 +211,8 @@ def test_spend_logs_only_with_the_flag_and_within_since_until(pg_dsn, tmp_path):
     header = dump_lines(plain)[0]
     assert "proxy_spend_logs" not in header["tables"] and header["excluded"] == ["proxy_spend_logs"]
     assert header["format"] == "tornado-proxy-dump" and header["format_version"] == 1
-    assert header["schema_version"] == "0003" and set(header["tables"]) == set(schema_tables(SQL)) - {"proxy_spend_logs"}
+    assert header["schema_version"] == backup.known_versions(SQL)[-1]
+    assert set(header["tables"]) == set(schema_tables(SQL)) - {"proxy_spend_logs"}
 
     today = dt.datetime.now(dt.timezone.utc).date()
     since, until = (today - dt.timedelta(days=20)).isoformat(), (today - dt.timedelta(days=5)).isoformat()
@@ -219,7 +220,8 @@ def test_spend_logs_only_with_the_flag_and_within_since_until(pg_dsn, tmp_path):
                       "--database-url", pg_dsn, "-c", config_file(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = dump_lines(some)
-    start = next(i for i, line in enumerate(lines) if isinstance(line, dict) and line.get("table") == "proxy_spend_logs")
+    start = next(i for i, line in enumerate(lines)
+                 if isinstance(line, dict) and line.get("table") == "proxy_spend_logs")
     assert lines[start + 1][0] == "req-1-10d" and lines[start + 2] == {"end": "proxy_spend_logs", "rows": 1}
     assert lines[0]["spend_logs"] == {"included": True, "since": f"{since}T00:00:00+00:00",
                                       "until": f"{until}T00:00:00+00:00"}
@@ -320,7 +322,8 @@ async def test_every_type_round_trips_exactly(pg_server, empty_pg_dsn, tmp_path)
             await backup.restore(db, tmp_path / "types.gz", v2)
         finally:
             await db.close()
-        assert query(target, "SELECT name, note FROM z_parent ORDER BY id") == [("p1", "from 0002"), ("p2", "from 0002")]
+        assert query(target, "SELECT name, note FROM z_parent ORDER BY id") == [("p1", "from 0002"),
+                                                                                ("p2", "from 0002")]
         assert [r[0] for r in query(target, "SELECT version FROM schema_migrations ORDER BY 1")] == ["0001", "0002"]
         # a dump of 0002 is refused by a proxyctl that knows only 0001
         await backup.dump(db, tmp_path / "v2.gz", backup.DumpOptions(), v2)
@@ -389,9 +392,26 @@ def test_restore_of_a_file_that_is_not_a_dump(empty_pg_dsn, tmp_path):
 
 
 def test_dump_of_an_unmigrated_or_unreachable_database(empty_pg_dsn, tmp_path):
-    result = run_cli(["db", "dump", str(tmp_path / "d.gz"), "--database-url", empty_pg_dsn, "-c", config_file(tmp_path)])
+    result = run_cli(["db", "dump", str(tmp_path / "d.gz"), "--database-url", empty_pg_dsn,
+                      "-c", config_file(tmp_path)])
     assert result.exit_code == 1 and "no gateway schema" in result.output
     assert not list(tmp_path.glob("*.gz")) and not list(tmp_path.glob(".*partial"))  # nothing half-written left
     down = run_cli(["db", "dump", str(tmp_path / "d.gz"), "-c", config_file(tmp_path), "--database-url",
                     "host=127.0.0.1 port=1 user=postgres password=hunter2-not-shown dbname=x connect_timeout=2"])
     assert down.exit_code == 1 and "database unavailable" in down.output and "hunter2" not in down.output
+
+
+def test_a_constraint_of_the_target_fails_the_restore_cleanly(pg_dsn, empty_pg_dsn, tmp_path):
+    """A target whose schema refuses a row (here a NOT NULL column the dump lacks): one clear line,
+    and not a row written (one transaction)."""
+    spend_rows(pg_dsn, [1])
+    query(pg_dsn, "INSERT INTO proxy_teams (team_id) VALUES ('t1')")
+    path = tmp_path / "d.gz"
+    assert run_cli(["db", "dump", "--include-spend-logs", str(path), "--database-url", pg_dsn,
+                    "-c", config_file(tmp_path)]).exit_code == 0
+    asyncio.run(migrated(empty_pg_dsn, SQL))
+    query(empty_pg_dsn, "ALTER TABLE proxy_spend_logs ADD COLUMN required text NOT NULL")
+    result = run_cli(["db", "restore", str(path), "--database-url", empty_pg_dsn, "-c", config_file(tmp_path)])
+    assert result.exit_code == 1 and "restore failed, no row was written" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert query(empty_pg_dsn, "SELECT count(*) FROM proxy_teams") == [(0,)]

@@ -21,7 +21,8 @@ from tornado_proxy.spendstore import PRUNE_LOCK, SpendStore
 from .conftest import MASTER_KEY, wait_for
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.timezone.utc)
-AGES_HOURS = {"fresh": 1, "day": 23, "old-1": 25, "old-2": 24 * 3, "old-3": 24 * 10, "old-4": 24 * 40, "old-5": 24 * 400}
+AGES_HOURS = {"fresh": 1, "day": 23, "old-1": 25, "old-2": 24 * 3, "old-3": 24 * 10, "old-4": 24 * 40,
+              "old-5": 24 * 400}
 
 
 def query(dsn: str, sql: str, args=()) -> list[tuple]:
@@ -221,3 +222,14 @@ def test_prune_refusals(pg_dsn, tmp_path):
         assert busy.exit_code == 1 and "another prune is running now" in busy.output
     finally:
         holder.close()
+
+
+def test_only_worker_zero_of_an_instance_runs_the_job(tmp_path, pg_dsn):
+    from tornado_proxy.app import Gateway
+
+    path = tmp_path / "g.yaml"
+    path.write_text(f"general_settings:\n  store_model_in_db: true\n  database_url: \"{pg_dsn}\"\n"
+                    "  maximum_spend_logs_retention_period: 30d\n")
+    config = load(path, environ={"LITELLM_MASTER_KEY": MASTER_KEY})
+    assert Gateway(config, worker=0).retention.store is not None
+    assert Gateway(config, worker=1).retention.store is None

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+import psycopg2
+
 from . import __version__
-from .db import migrations, schema_tables
+from .db import describe, migrations, schema_tables
 from .dumpfile import Column, DumpError, DumpReader, DumpWriter, Header, TableSection, is_native, utc_now
 from .spendstore import LOG_TABLE, LOG_TIME
 
@@ -207,7 +209,10 @@ async def restore(db: Database, path: Path, sql_dir: Path, force: bool = False) 
             if done and done[-1][0] > known[-1]:
                 raise DumpError(f"the target database's schema ({done[-1][1]}) is newer than this proxyctl knows")
             await db.migrate(sql_dir, upto=header.schema_version)
-            summary = Summary(header, await load(db, reader, sql_dir, force))
+            try:
+                summary = Summary(header, await load(db, reader, sql_dir, force))
+            except psycopg2.Error as exc:  # a constraint of the target, say: the transaction was rolled back
+                raise DumpError(f"restore failed, no row was written: {describe(exc)}") from None
             await db.migrate(sql_dir)
         return summary
     finally:
