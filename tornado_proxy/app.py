@@ -20,6 +20,7 @@ from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
 from .ratelimit import LimitTable, RateLimiter, redis_client
 from .responsestore import ResponseStore
+from .retention import RetentionSettings, SpendLogRetention
 from .registry import Registry, build_registry
 from .router import Router, RouterSettings, with_settings
 from .budget import BudgetReset
@@ -72,6 +73,9 @@ class Gateway:
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
                                  self.settings.spend_queue_size, self.metrics.spend_log_dropped)
         self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)
+        # spend log retention: worker 0 of each instance runs it (an advisory lock keeps it to one instance)
+        self.retention = SpendLogRetention(self.spend_store if worker == 0 else None,
+                                           RetentionSettings.parse(self.settings))
         # the response cache (litellm_settings.cache): None when off; a restart changes it
         self.cache_settings, _ = CacheSettings.parse(config.litellm_settings)
         self.cache = build_cache(self.cache_settings, self.settings) if self.cache_settings else None
@@ -105,6 +109,7 @@ class Gateway:
         await self.tenants.start()
         self.spend.start()
         self.budget_reset.start()
+        self.retention.start()
         self.health.start(self)
         if self.shared_counters is not None:
             self.shared_counters.start()
@@ -112,6 +117,7 @@ class Gateway:
     async def stop(self) -> None:
         await self.health.stop()
         await self.budget_reset.stop()
+        await self.retention.stop()
         await self.spend.stop(self.settings.graceful_shutdown_timeout or 5.0)
         await self.responses.stop()
         await self.tenants.stop()
@@ -142,6 +148,7 @@ class Gateway:
         self.settings = self.config.settings
         self.router = router
         self.tenants.settings = self.settings
+        self.retention.configure(RetentionSettings.parse(self.settings))
         if self.app is not None:
             swap_rules(self.app, rules)
         await self.catalog.reload(self.config, generation)
@@ -219,6 +226,7 @@ def validate(config: Config) -> Registry:
         routes.check(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
         RouterSettings.parse(config.router_settings, config.litellm_settings)
         CacheSettings.parse(config.litellm_settings)
+        RetentionSettings.parse(config.settings)
         return build_registry(config.models, config.environ, aliases=config.router_settings.get("model_group_alias"))
     except ConfigError as exc:
         raise ConfigError(f"{config.path}: {exc}") from None

@@ -52,6 +52,16 @@ def make_database(config: Config) -> Database:
                     statement_timeout_ms=int(timeout * 1000), connect_timeout=timeout)
 
 
+def keep_loaded(fresh, loaded, undecryptable) -> tuple[tuple[Deployment, ...], list[str]]:
+    """``fresh`` with each row this worker can no longer decrypt replaced by the deployment it had
+    loaded from it, if any: after ``proxyctl db rotate-key``, instances still running with the
+    old key keep serving until they are restarted with the new one. Also returns the kept ids."""
+    good = {d.id: d for d in loaded if d.problem is None}
+    bad = set(undecryptable)
+    out = tuple(good.get(d.id, d) if d.id in bad else d for d in fresh)
+    return out, [d.id for d in fresh if d.id in bad and d.id in good]
+
+
 class Catalog:
     def __init__(self, config: Config, generation: int = 1):
         self.config = config
@@ -120,13 +130,16 @@ class Catalog:
         async with self._refresh_lock:
             yaml_ids = {d.id for d in self._yaml}
             known_bad = self.store.undecryptable
-            fresh = tuple(await self.store.deployments(exclude_ids=yaml_ids))
+            fresh, kept = keep_loaded(await self.store.deployments(exclude_ids=yaml_ids), self._db,
+                                      self.store.undecryptable)
             self._connected()
             if self.store.undecryptable and self.store.undecryptable != known_bad:
                 bad = self.store.undecryptable
                 log.warning("%d stored model(s) cannot be decrypted with the current LITELLM_SALT_KEY / master "
                             "key (changed since they were stored?); requests for them get a 400 until they "
-                            "are re-added through /model/update: %s", len(bad), ", ".join(bad))
+                            "are re-added through /model/update: %s%s", len(bad), ", ".join(bad),
+                            f". {len(kept)} of them keep being served as this worker loaded them before (the key "
+                            "was rotated? restart this instance with the new key)" if kept else "")
             if fresh != self._db:
                 self._db = fresh
                 self.registry = self._build()

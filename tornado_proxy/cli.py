@@ -437,3 +437,6 @@ def cache_flush(config_path: str, namespace: str | None) -> None:
 
 def main() -> None:
     cli(prog_name="proxyctl")
+
+
+from . import dbcommands  # noqa: E402,F401 - registers `db dump/restore/prune/rotate-key` on the `db` group

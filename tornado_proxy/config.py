@@ -195,6 +195,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy_budget_rescheduler_min_time", "general_settings", None, 10.0, float,
             "Seconds between checks for budgets due for their `budget_duration` reset (one worker of one "
             "instance does each reset, under a PostgreSQL advisory lock).", minimum=0, above=True),
+    Setting("maximum_spend_logs_retention_period", "general_settings", None, None, str,
+            "How long spend log rows are kept (`30d`, `12h`, `7d`; s, m, h, d, w or mo = 30 days); older ones are "
+            "deleted in batches of 1000 by one instance at a time (a PostgreSQL advisory lock). Unset: kept for ever."),
+    Setting("maximum_spend_logs_retention_interval", "general_settings", None, "1d", str,
+            "How often the spend log clean-up runs (same format; the first round runs within a minute of start-up)."),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -250,6 +255,8 @@ class Settings:
     spend_queue_size: int = 10000
     budget_exceeded_status_code: int = 422
     proxy_budget_rescheduler_min_time: float = 10.0
+    maximum_spend_logs_retention_period: str | None = None
+    maximum_spend_logs_retention_interval: str = "1d"
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"

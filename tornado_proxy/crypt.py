@@ -69,6 +69,21 @@ class Cipher:
                 out[k] = v
         return out
 
+    def reseal(self, params: Mapping[str, Any], new: Cipher) -> dict:
+        """Every encrypted value (at any depth) decrypted with this key and encrypted with ``new``;
+        plain values are kept as they are. DecryptError when one does not open with this key."""
+        out = {}
+        for k, v in params.items():
+            if isinstance(v, str) and v.startswith(JSON_PREFIX):
+                out[k] = JSON_PREFIX + new._token(self._plain(v[len(JSON_PREFIX):]))
+            elif isinstance(v, str) and v.startswith(PREFIX):
+                out[k] = new.encrypt(self.decrypt(v))
+            elif isinstance(v, dict):
+                out[k] = self.reseal(v, new)
+            else:
+                out[k] = v
+        return out
+
     def _token(self, data: bytes) -> str:
         return self._fernet.encrypt(data).decode()
 
@@ -78,3 +93,9 @@ class Cipher:
         except self._invalid_token:
             raise DecryptError("stored secret cannot be decrypted: LITELLM_SALT_KEY (or the master key) "
                                "differs from the one it was written with") from None
+
+
+def sealed_count(params: Mapping[str, Any]) -> int:
+    """How many encrypted values ``params`` holds, at any depth."""
+    return sum(sealed_count(v) if isinstance(v, dict) else isinstance(v, str) and v.startswith((PREFIX, JSON_PREFIX))
+               for v in params.values())

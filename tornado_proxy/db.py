@@ -12,7 +12,7 @@ import logging
 import re
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import aiopg
 import orjson
@@ -37,6 +37,43 @@ def migrations(directory: Path) -> list[tuple[str, Path]]:
     if len(set(versions)) != len(versions):
         raise ValueError(f"{directory}: two migrations share a number")
     return found
+
+
+SQL_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+IDENT = r'(?:"[^"]+"|[A-Za-z_][\w$]*)'
+QNAME = rf"{IDENT}(?:\s*\.\s*{IDENT})?"
+TABLE_DDL = re.compile(
+    rf"\bCREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?P<created>{QNAME})"
+    r"|\bDROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?P<dropped>[^;]+?)\s*(?:\bCASCADE|\bRESTRICT)?\s*(?:;|$)"
+    rf"|\bALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?(?P<renamed>{QNAME})\s+RENAME\s+TO\s+(?P<to>{IDENT})",
+    re.IGNORECASE)
+
+
+def table_name(text: str) -> str:
+    """The bare table name of a (maybe schema-qualified, maybe quoted) SQL name."""
+    last = re.split(r'\.(?=(?:[^"]*"[^"]*")*[^"]*$)', text.strip())[-1].strip()
+    return last[1:-1] if last.startswith('"') else last.lower()
+
+
+def schema_tables(directory: Path, upto: str | None = None) -> list[str]:
+    """Every table the migrations (up to version ``upto``) leave behind, in creation order: read
+    from their CREATE / DROP / ALTER ... RENAME TO statements, so a new migration's tables are
+    known without a list to keep up to date."""
+    tables: list[str] = []
+    for version, path in migrations(directory):
+        if upto is not None and version > upto:
+            break
+        text = SQL_COMMENT.sub(" ", path.read_text(encoding="utf-8"))
+        for m in TABLE_DDL.finditer(text):
+            if m.group("created"):
+                tables.append(table_name(m.group("created")))
+            elif m.group("dropped"):
+                gone = {table_name(n) for n in m.group("dropped").split(",")}
+                tables = [t for t in tables if t not in gone]
+            else:
+                old, new = table_name(m.group("renamed")), table_name(m.group("to"))
+                tables = [new if t == old else t for t in tables]
+    return list(dict.fromkeys(tables))
 
 
 def row_of(record: tuple) -> ModelRow:
@@ -126,12 +163,41 @@ class Database:
         finally:
             conn.close()
 
+    @asynccontextmanager
+    async def try_lock(self, lock_id: int) -> AsyncIterator[aiopg.Cursor | None]:
+        """A cursor on a connection of its own holding the session advisory lock ``lock_id``, or
+        None when another session holds it (no waiting). For work done in several transactions
+        under one lock; closing the connection releases the lock, whatever happened."""
+        try:
+            conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
+        except UNREACHABLE as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+        try:
+            async with conn.cursor() as cur:
+                try:
+                    await cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,))
+                    locked = (await cur.fetchone())[0]
+                except UNREACHABLE as exc:
+                    raise DatabaseUnavailable(describe(exc)) from None
+                try:
+                    yield cur if locked else None
+                except UNREACHABLE as exc:
+                    raise DatabaseUnavailable(describe(exc)) from None
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    raise DatabaseUnavailable("statement timed out") from None
+        finally:
+            conn.close()
+
     async def ping(self) -> None:
         async with self.cursor() as cur:
             await cur.execute("SELECT 1")
 
-    async def migrate(self, directory: Path) -> list[str]:
-        """Apply the migrations not yet recorded, each in its own transaction. Returns them."""
+    async def migrate(self, directory: Path, upto: str | None = None) -> list[str]:
+        """Apply the migrations not yet recorded (up to version ``upto``, when given), each in its
+        own transaction. Returns them."""
         applied_now = []
         async with self.cursor() as cur:
             await cur.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -140,7 +206,7 @@ class Database:
             await cur.execute("SELECT version FROM schema_migrations")
             done = {r[0] for r in await cur.fetchall()}
             for version, path in migrations(directory):
-                if version in done:
+                if version in done or (upto is not None and version > upto):
                     continue
                 async with cur.begin():
                     await cur.execute(path.read_text(encoding="utf-8"))
@@ -195,6 +261,18 @@ class Database:
         async with self.cursor() as cur:
             await cur.execute("DELETE FROM proxy_models WHERE id = %s", (model_id,))
             return cur.rowcount > 0
+
+    async def rewrite_models(self, rewrite: Callable[[list[ModelRow]], dict[str, dict]]) -> dict[str, dict]:
+        """One transaction: lock every model row, store ``rewrite(rows)`` ({id: new litellm_params});
+        ``rewrite`` raising changes nothing. Returns what was stored. (updated_at is kept: the
+        models' settings did not change.)"""
+        async with self.transaction() as cur:
+            await cur.execute(f"SELECT {MODEL_COLUMNS} FROM proxy_models ORDER BY id FOR UPDATE")
+            changes = rewrite([row_of(r) for r in await cur.fetchall()])
+            for model_id, params in sorted(changes.items()):
+                await cur.execute("UPDATE proxy_models SET litellm_params = %s::jsonb WHERE id = %s",
+                                  (jsonb(params), model_id))
+        return changes
 
     async def apply_sync(self, upserts: Iterable[ModelRow], deletes: Iterable[str]) -> None:
         """One transaction: insert or replace the YAML rows, delete the YAML rows gone from the file."""

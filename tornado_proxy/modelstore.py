@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .config import (ConfigError, ModelSpec, env_refs, is_own_secret_env, is_secret_name, resolve_env,
                      resource_dir, unset_params)
-from .crypt import Cipher, DecryptError
+from .crypt import Cipher, DecryptError, sealed_count
 from .errors import InvalidRequestError, NotFoundError
 from .registry import build_deployment, derive_id
 
@@ -138,6 +138,34 @@ def spec_of(row: ModelRow, cipher: Cipher | None, environ: Mapping[str, str],
                      where=f"database model {row.id}", unset=unset), problem
 
 
+class RotationError(Exception):
+    """Some stored secrets do not decrypt with the current key: nothing was re-encrypted."""
+
+    def __init__(self, model_ids: list[str]):
+        super().__init__(f"{len(model_ids)} model(s) have secrets that do not decrypt with the current key")
+        self.model_ids = model_ids
+
+
+def undecryptable(rows: Iterable[ModelRow], cipher: Cipher) -> list[str]:
+    """The ids of the rows whose stored secrets ``cipher`` cannot open."""
+    bad = []
+    for row in rows:
+        try:
+            cipher.open(row.litellm_params)
+        except DecryptError:
+            bad.append(row.id)
+    return bad
+
+
+def rotation(rows: list[ModelRow], old: Cipher, new: Cipher) -> dict[str, dict]:
+    """Each row holding secrets -> its litellm_params re-encrypted from ``old`` to ``new``.
+    RotationError (listing ids, never values) when any row does not decrypt with ``old``."""
+    bad = undecryptable(rows, old)
+    if bad:
+        raise RotationError(bad)
+    return {r.id: old.reseal(r.litellm_params, new) for r in rows if sealed_count(r.litellm_params)}
+
+
 class ModelStore:
     """The database side of the registry, for one gateway (or one ``proxyctl sync``)."""
 
@@ -168,6 +196,15 @@ class ModelStore:
             if not plan.empty:
                 await self.apply(plan)
         return plan
+
+    async def rotate_key(self, new: Cipher) -> tuple[int, int]:
+        """Re-encrypt every stored secret from this store's key to ``new`` in one transaction,
+        under the start-up lock (no instance syncs its config models meanwhile). Returns
+        (models, secrets) re-encrypted; RotationError changes nothing."""
+        old = require_cipher(self.cipher)
+        async with self.db.startup_lock():
+            changed = await self.db.rewrite_models(lambda rows: rotation(rows, old, new))
+        return len(changed), sum(sealed_count(params) for params in changed.values())
 
     async def deployments(self, exclude_ids: set[str]):
         """The database's models as deployments; ``self.undecryptable`` lists the ids whose

@@ -12,6 +12,7 @@ gave every row it touched. Workers then re-read the spend of the rows updated at
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from .spend import SpendEvent
 
 RESET_LOCK = 0x7370_656E_6472  # pg_try_advisory_xact_lock key of the budget reset ("spendr")
+PRUNE_LOCK = 0x7370_656E_6470  # pg_try_advisory_lock key of the spend log retention ("spendp")
+LOG_TABLE, LOG_TIME = "proxy_spend_logs", "start_time"  # the spend log, and the time its retention reads
 LOG_COLUMNS = ("request_id", "call_type", "api_key", "spend", "total_tokens", "prompt_tokens", "completion_tokens",
                "start_time", "end_time", "model", "model_id", "model_group", "custom_llm_provider", "api_base",
                "user", "end_user", "team_id", "status", "cache_hit", "metadata")
@@ -32,6 +35,13 @@ LOG_COLUMNS = ("request_id", "call_type", "api_key", "spend", "total_tokens", "p
 OWNERS = (("proxy_keys", "token", "api_key"), ("proxy_teams", "team_id", "team_id"),
           ("proxy_users", "user_id", "user"))
 BUDGET_TABLES = (("proxy_keys", "token"), ("proxy_teams", "team_id"), ("proxy_users", "user_id"))
+
+
+@dataclass(frozen=True)
+class Pruned:
+    cutoff: dt.datetime
+    deleted: int                 # rows deleted (or, for a dry run, that would be)
+    statements: int              # DELETE statements run (0 for a dry run)
 
 
 @dataclass(frozen=True)
@@ -173,3 +183,30 @@ class SpendStore:
                                   + rows + f") AS v(id, s) WHERE t.{pk} = v.id".encode())
                 reset[table] = [r[0] for r in due]
         return reset
+
+    async def count_older(self, cutoff: dt.datetime) -> int:
+        async with self.db.cursor() as cur:
+            await cur.execute(f"SELECT count(*) FROM {LOG_TABLE} WHERE {LOG_TIME} < %s", (cutoff,))
+            return (await cur.fetchone())[0]
+
+    async def prune(self, cutoff: dt.datetime, batch_size: int = 1000, pause: float = 0.1,
+                    stopping: asyncio.Event | None = None) -> Pruned | None:
+        """Delete the spend log rows that started before ``cutoff``, ``batch_size`` rows per
+        statement (each its own short transaction) with ``pause`` seconds between them, so the
+        table is never locked for long. None when another session (a gateway's retention job, or
+        another ``proxyctl db prune``) is pruning now."""
+        async with self.db.try_lock(PRUNE_LOCK) as cur:
+            if cur is None:
+                return None
+            deleted = statements = 0
+            while not (stopping is not None and stopping.is_set()):
+                await cur.execute(
+                    f"WITH doomed AS (SELECT request_id FROM {LOG_TABLE} WHERE {LOG_TIME} < %s ORDER BY {LOG_TIME} "
+                    f"LIMIT %s FOR UPDATE SKIP LOCKED) DELETE FROM {LOG_TABLE} AS s USING doomed "
+                    "WHERE s.request_id = doomed.request_id", (cutoff, batch_size))
+                statements += 1
+                deleted += cur.rowcount
+                if cur.rowcount < batch_size:
+                    break
+                await asyncio.sleep(pause)
+            return Pruned(cutoff, deleted, statements)
