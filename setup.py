@@ -47,6 +47,7 @@ setup(
             "pytest-timeout>=2.3",
             "openai>=1.40",
             "anthropic>=0.40",
+            "trustme>=1.1",
         ],
     },
     entry_points={"console_scripts": ["proxyctl=tornado_proxy.cli:main"]},

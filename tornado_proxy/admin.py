@@ -122,16 +122,20 @@ class LivelinessHandler(BaseHandler):
 
 
 class ReadinessHandler(BaseHandler):
+    """LiteLLM's readiness answer; 503 (``"status": "draining"``) once the worker is shutting
+    down, so a load balancer stops sending it requests."""
+
     def get(self) -> None:
+        draining = self.gw.draining
         self.write_json({
-            "status": "healthy",
+            "status": "draining" if draining else "healthy",
             "db": self.gw.catalog.db_state,
             "cache": None,
             "litellm_version": __version__,
             "config_generation": self.gw.registry.generation,
             "models": len(self.gw.registry.deployments),
             "worker_pid": os.getpid(),
-        })
+        }, status=503 if draining else 200)
 
 
 class HealthHandler(BaseHandler):

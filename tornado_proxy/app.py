@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 RESTART_ONLY = ("num_workers", "upstream_max_connections", "upstream_connect_timeout", "database_url",
                 "store_model_in_db", "database_connection_pool_limit", "database_connection_timeout",
                 "embedded_db_dir", "max_request_size_mb", "spend_spill_dir", "spend_queue_size",
-                "redis_host", "redis_port", "redis_password", "redis_url")
+                "redis_host", "redis_port", "redis_password", "redis_url", "keepalive_timeout",
+                "graceful_shutdown_timeout", "ssl_verify", "ssl_cert_file", "ssl_keyfile_path", "ssl_certfile_path")
 
 HANDLERS = {**llm.HANDLERS, **messages.HANDLERS, **media.HANDLERS, **responsesapi.HANDLERS, **admin.HANDLERS,
             **keyadmin.HANDLERS, **spendadmin.HANDLERS}
@@ -61,6 +62,7 @@ class Gateway:
         self.upstream: Upstream | None = None
         self.app: tornado.web.Application | None = None
         self.in_flight = 0
+        self.draining = False  # SIGTERM came: readiness answers 503 while in-flight requests finish
         # alone, this worker checks models itself; under ``serve``, worker 0 checks for all
         self.health = health or HealthMonitor(MemoryReports(), runs_checks=True)
         # under ``serve`` the supervisor's table, shared by all workers; alone, a table of its own
@@ -104,7 +106,8 @@ class Gateway:
 
     async def start(self, require_db: bool = False) -> None:
         """Create what needs the running event loop; connect the database (if configured)."""
-        self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout)
+        self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout,
+                                 ssl_verify=self.settings.ssl_verify, ssl_cert_file=self.settings.ssl_cert_file)
         await self.catalog.start(require_db)
         await self.tenants.start()
         self.spend.start()

@@ -98,9 +98,18 @@ CONFIG_HELP = "routes.yaml or a LiteLLM config.yaml (env CONFIG_FILE_PATH) [defa
               help="No master key set: serve without auth instead of generating a key (loud warning).")
 @click.option("--keepalive_timeout", "--keepalive-timeout", "keepalive_timeout", type=click.FloatRange(min=0.001),
               default=None, help="Seconds an idle client connection stays open [env KEEPALIVE_TIMEOUT, default 75].")
+@click.option("--graceful-timeout", "--graceful_timeout", "graceful_timeout", type=click.FloatRange(min=0),
+              default=None, help="Seconds in-flight requests and streams get after SIGTERM [env GRACEFUL_TIMEOUT, "
+                                 "default 30].")
+@click.option("--ssl-keyfile", "--ssl_keyfile_path", "ssl_keyfile", default=None,
+              help="Serve HTTPS with this private key (PEM) [env SSL_KEYFILE_PATH].")
+@click.option("--ssl-certfile", "--ssl_certfile_path", "ssl_certfile", default=None,
+              help="Serve HTTPS with this certificate chain (PEM) [env SSL_CERTFILE_PATH].")
+@click.option("--ciphers", default=None, help="OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's).")
 def serve(config_path: str, host: str, port: int, num_workers: int | None, log_level: str | None,
           detailed_debug: bool, pid_file: Path | None, require_db: bool, embedded_db: bool, no_auth: bool,
-          keepalive_timeout: float | None) -> None:
+          keepalive_timeout: float | None, graceful_timeout: float | None, ssl_keyfile: str | None,
+          ssl_certfile: str | None, ciphers: str | None) -> None:
     """Start the gateway."""
     from .server import BindError, ServeOptions, serve as run_server  # tornado's server stack only when serving
 
@@ -109,9 +118,9 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
     if embedded_db:
         config = use_embedded(config)
     validate_or_exit(config)  # before forking: a bad route or model stops start-up once, with the file named
-    if keepalive_timeout is not None:
-        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings,
-                                                                          keepalive_timeout=keepalive_timeout))
+    config = with_flags(config, keepalive_timeout=keepalive_timeout, graceful_shutdown_timeout=graceful_timeout,
+                        ssl_keyfile_path=ssl_keyfile, ssl_certfile_path=ssl_certfile)
+    ssl_context = https_context(config.settings, ciphers)  # before forking: a bad file is one line, once
     setup_logging("DEBUG" if detailed_debug else log_level or config.settings.log_level)
     workers = num_workers if num_workers is not None else config.settings.num_workers
     if workers < 1:
@@ -128,13 +137,37 @@ def serve(config_path: str, host: str, port: int, num_workers: int | None, log_l
 
     try:
         status = run_server(config, ServeOptions(host=host, port=port, workers=workers, pid_file=pid_file,
-                                                 require_db=require_db))
+                                                 require_db=require_db, ssl_context=ssl_context))
     except EmbeddedError as exc:
         raise click.ClickException(f"embedded PostgreSQL: {exc}") from None
     except BindError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
     sys.exit(status)
+
+
+def with_flags(config: Config, **flags) -> Config:
+    """``config`` with the settings given on the command line (a flag wins over file and env)."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, **given)) if given else config
+
+
+def https_context(settings, ciphers: str | None):
+    """The server's ``ssl.SSLContext`` when both HTTPS files are given, else None (plain HTTP)."""
+    from .tls import TlsError, server_context
+
+    keyfile, certfile = settings.ssl_keyfile_path, settings.ssl_certfile_path
+    if not keyfile and not certfile:
+        if ciphers:
+            raise click.UsageError("--ciphers needs --ssl-certfile and --ssl-keyfile")
+        return None
+    if not keyfile or not certfile:
+        given, missing = ("--ssl-certfile", "--ssl-keyfile") if certfile else ("--ssl-keyfile", "--ssl-certfile")
+        raise click.UsageError(f"{given} needs {missing} too (or SSL_CERTFILE_PATH / SSL_KEYFILE_PATH)")
+    try:
+        return server_context(certfile, keyfile, ciphers)
+    except TlsError as exc:
+        raise click.ClickException(f"HTTPS: {exc}") from None
 
 
 def print_generated_key(key: str) -> None:

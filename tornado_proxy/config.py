@@ -104,6 +104,36 @@ class Secret:
         return bool(self._value)
 
 
+class VerifyOption:
+    """The kind of ``ssl_verify``: true, false, or the path of a CA bundle (see ``ssl_verify_value``)."""
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+def ssl_verify_value(value: Any, where: str) -> bool | str:
+    """``ssl_verify`` as LiteLLM reads it: a boolean (``False``, ``"False"``), or the path of a CA
+    bundle to verify with. A path must name a readable file: a typo stops start-up instead of
+    quietly verifying against the wrong roots."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    return readable_file(text, where, "CA bundle")
+
+
+def readable_file(path: str, where: str, what: str) -> str:
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the {what} {path}: {exc.strerror}") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str            # attribute on Settings, and the key in its section
@@ -150,8 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Concurrent upstream transfers per worker (the pycurl handle pool).", minimum=1),
     Setting("upstream_connect_timeout", "general_settings", None, 10.0, float,
             "Seconds to establish an upstream connection.", minimum=0, above=True),
-    Setting("graceful_shutdown_timeout", "general_settings", None, 30.0, float,
-            "Seconds in-flight requests and streams get to finish after SIGTERM.", minimum=0),
+    Setting("graceful_shutdown_timeout", "general_settings", "GRACEFUL_TIMEOUT", 30.0, float,
+            "Seconds in-flight requests and streams get to finish after SIGTERM (`serve --graceful-timeout`); "
+            "what is still open then is cut.", minimum=0),
     Setting("require_auth_for_metrics_endpoint", "general_settings", None, False, bool,
             "`/metrics` needs a key (any key the gateway accepts); off, it is open as in LiteLLM."),
     Setting("trusted_proxies", "general_settings", None, (), tuple,
@@ -200,6 +231,15 @@ SETTINGS: tuple[Setting, ...] = (
             "deleted in batches of 1000 by one instance at a time (a PostgreSQL advisory lock). Unset: kept for ever."),
     Setting("maximum_spend_logs_retention_interval", "general_settings", None, "1d", str,
             "How often the spend log clean-up runs (same format; the first round runs within a minute of start-up)."),
+    Setting("ssl_verify", "litellm_settings", "SSL_VERIFY", True, VerifyOption,
+            "Verify providers' TLS certificates: `true`, `false`, or the path of a CA bundle (PEM) to verify "
+            "them with. A deployment's `litellm_params.ssl_verify` wins."),
+    Setting("ssl_cert_file", None, "SSL_CERT_FILE", None, str,
+            "CA bundle (PEM) used to verify providers when `ssl_verify` is true (default: the system's)."),
+    Setting("ssl_keyfile_path", None, "SSL_KEYFILE_PATH", None, str,
+            "Private key (PEM) for serving HTTPS (`serve --ssl-keyfile` / `--ssl_keyfile_path`)."),
+    Setting("ssl_certfile_path", None, "SSL_CERTFILE_PATH", None, str,
+            "Certificate chain (PEM) for serving HTTPS (`serve --ssl-certfile` / `--ssl_certfile_path`)."),
     Setting("drop_params", "litellm_settings", None, False, bool,
             "Drop OpenAI parameters a provider has no equivalent for, instead of answering 400."),
     Setting("num_workers", None, "NUM_WORKERS", 8, int,
@@ -257,6 +297,10 @@ class Settings:
     proxy_budget_rescheduler_min_time: float = 10.0
     maximum_spend_logs_retention_period: str | None = None
     maximum_spend_logs_retention_interval: str = "1d"
+    ssl_verify: bool | str = True
+    ssl_cert_file: str | None = None
+    ssl_keyfile_path: str | None = None
+    ssl_certfile_path: str | None = None
     drop_params: bool = False
     num_workers: int = 8
     log_level: str = "INFO"
@@ -393,11 +437,13 @@ def coerce(setting: Setting, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
+        if text in TRUE_WORDS:
             return True
-        if text in ("0", "false", "no", "off", ""):
+        if text in FALSE_WORDS:
             return False
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if setting.kind is VerifyOption:
+        return ssl_verify_value(value, where)
     if setting.kind is tuple:  # a list of networks (the only list setting so far)
         return networks(value, where)
     try:
@@ -438,6 +484,8 @@ def build_settings(sections: Mapping[str, Mapping[str, Any]], environ: Mapping[s
         timeout = next(s for s in SETTINGS if s.name == "timeout")
         values["timeout"] = coerce(timeout, request_timeout, f"{path}: litellm_settings.request_timeout")
         timeout.check_range(values["timeout"], f"{path}: litellm_settings.request_timeout")
+    if values.get("ssl_cert_file"):
+        readable_file(values["ssl_cert_file"], "environment SSL_CERT_FILE", "CA bundle")
     if values.get("database_url") and values["database_url"].reveal() == "embedded":
         values["store_model_in_db"] = True  # the private database exists only to store models
     return Settings(**values)

@@ -186,7 +186,8 @@ async def probe(upstream: Upstream, d: Deployment, timeout: float) -> EndpointHe
     target = probe_target(d)
     endpoint, body = probe_request(target)
     try:
-        reply = await upstream.fetch(provider.build_request(target, endpoint, body, stream=False), timeout)
+        reply = await upstream.fetch(provider.build_request(target, endpoint, body, stream=False), timeout,
+                                     ssl_verify=target.ssl_verify)
         if not 200 <= reply.status < 300:
             raise provider.parse_error(reply, target)
         provider.parse_response(endpoint, reply)  # a 2xx that is not a real answer is a failure too

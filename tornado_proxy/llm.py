@@ -451,7 +451,7 @@ class LLMHandler(BaseHandler):
         timeout = self.timeouts(d, deadline)[0]
         started = time.perf_counter()
         self.transfer = Transfer()  # what on_connection_close aborts
-        reply = await self.gw.upstream.fetch(request, timeout, self.transfer)
+        reply = await self.gw.upstream.fetch(request, timeout, self.transfer, ssl_verify=d.ssl_verify)
         self.ctx.upstream_s = time.perf_counter() - started
         if not 200 <= reply.status < 300:
             raise d.scrubber.error(provider.parse_error(reply, d))
@@ -526,7 +526,8 @@ class LLMHandler(BaseHandler):
                 self.gw.upstream.abort(transfer, "invalid")
 
         try:
-            await self.gw.upstream.stream(request, timeout, first_byte_timeout, on_head, on_chunk, transfer)
+            await self.gw.upstream.stream(request, timeout, first_byte_timeout, on_head, on_chunk, transfer,
+                                          ssl_verify=d.ssl_verify)
         except ProxyError as exc:
             if not self._headers_written:
                 raise

@@ -98,7 +98,7 @@ class MediaHandler(LLMHandler):
         timeout = self.timeouts(d, deadline)[0]
         started = time.perf_counter()
         self.transfer = Transfer()  # what on_connection_close aborts
-        reply = await self.gw.upstream.fetch(request, timeout, self.transfer, upload=upload)
+        reply = await self.gw.upstream.fetch(request, timeout, self.transfer, ssl_verify=d.ssl_verify, upload=upload)
         self.ctx.upstream_s = time.perf_counter() - started
         if not 200 <= reply.status < 300:
             raise d.scrubber.error(provider.parse_error(reply, d))
@@ -156,7 +156,8 @@ class SpeechHandler(MediaHandler):
             self.send(chunk)
 
         try:
-            await self.gw.upstream.stream(request, timeout, first_byte_timeout, lambda t: None, on_chunk, transfer)
+            await self.gw.upstream.stream(request, timeout, first_byte_timeout, lambda t: None, on_chunk, transfer,
+                                          ssl_verify=d.ssl_verify)
         except ProxyError as exc:
             if not self._headers_written:
                 raise

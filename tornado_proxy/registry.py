@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 
-from .config import ConfigError, ModelSpec, Secret, derive_id, is_secret_name, public_url
+from .config import ConfigError, ModelSpec, Secret, derive_id, is_secret_name, public_url, ssl_verify_value
 from .errors import InvalidRequestError
 from .providers import KNOWN_ELSEWHERE, PROVIDERS, split_model
 from .providers.base import CONTROL_CHARS, Deployment, ProviderDefaults, path_problem
@@ -80,6 +80,8 @@ def build_deployment(spec: ModelSpec, environ: Mapping[str, str], source: str = 
         timeout=number(params, "timeout", float, where),
         stream_timeout=number(params, "stream_timeout", float, where),
         mock_response=params.get("mock_response"),
+        ssl_verify=None if params.get("ssl_verify") is None else ssl_verify_value(
+            params["ssl_verify"], f"{where}.litellm_params.ssl_verify"),
         defaults={k: params[k] for k in DEFAULT_REQUEST_PARAMS if params.get(k) is not None},
         extra_headers={**defaults.headers, **(params.get("extra_headers") or {})},
         public_params={k: (public_url(v) if k == "api_base" and isinstance(v, str) else v)

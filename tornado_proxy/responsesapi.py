@@ -190,7 +190,8 @@ class ResponseHandler(BaseHandler):
         request = provider.stored_response_request(d, method, record.id)
         started = time.perf_counter()
         with naming_deployment(d, self.ctx.call_id):
-            reply = await self.gw.upstream.fetch(request, d.timeout or self.gw.settings.timeout, Transfer())
+            reply = await self.gw.upstream.fetch(request, d.timeout or self.gw.settings.timeout, Transfer(),
+                                                 ssl_verify=d.ssl_verify)
         self.ctx.upstream_s = time.perf_counter() - started
         if not 200 <= reply.status < 300:
             error: ProxyError = provider.parse_error(reply, d)

@@ -1,6 +1,8 @@
-"""Serving: bind, pre-fork N workers (replacing any that die), run one gateway per worker,
-and stop gracefully on SIGTERM/SIGINT: stop accepting, let in-flight requests and streams
-finish within the grace period, then exit 0.
+"""Serving: bind, pre-fork N workers (replacing any that die), run one gateway per worker
+(HTTP, or HTTPS with the context ``cli`` built), and stop gracefully on SIGTERM/SIGINT: readiness
+answers 503, the port closes (what the kernel had already accepted is still served), idle
+keep-alive connections close, in-flight requests and streams finish within the grace period
+(what is left then is cut), the spend queue is flushed, and the process exits 0.
 
 Tornado's ``fork_processes`` restarts children but cannot stop them gracefully, so the small
 supervisor below owns the children instead.
@@ -17,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,12 +46,13 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
                      ready: asyncio.Event | None = None, announce: bool = True,
                      handle_signals: bool = True, generation: int = 1,
                      state_path: Path | None = None, index: int = 0,
-                     limits_table: LimitTable | None = None) -> None:
+                     limits_table: LimitTable | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
     """One worker: build the gateway, serve on ``sockets`` until ``stop`` (or a signal), drain.
 
     SIGHUP re-reads the config the supervisor has just validated (see ``StateFile``). Worker 0
     runs the background health checks for every worker of the instance. ``limits_table``: the
-    rate-limit counts shared by all workers (made by ``serve`` before forking)."""
+    rate-limit counts shared by all workers (made by ``serve`` before forking); ``ssl_context``:
+    serve HTTPS with it."""
     stop = stop or asyncio.Event()
     gw = Gateway(config, generation=generation, health=health_monitor(state_path, index),
                  limits=limits_table, worker=index)
@@ -62,13 +66,25 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
     if announce:
         log_startup_warnings(config, gw.registry)
     await gw.start()
-    server = make_http_server(make_application(gw), config.settings)
+    server = make_http_server(make_application(gw), config.settings, ssl_context)
     server.add_sockets(sockets)
     if ready is not None:
         ready.set()
     await stop.wait()
+    await shut_down(gw, server)
+
+
+async def shut_down(gw: Gateway, server: GatewayHTTPServer) -> None:
+    """Drain: readiness says 503, the port closes, idle connections close; requests and streams
+    in flight get ``graceful_shutdown_timeout`` seconds; then what is left is cut, and the
+    gateway stops (its spend queue flushed)."""
+    gw.draining = True
     server.stop()
-    await drain(gw, gw.settings.graceful_shutdown_timeout)
+    grace = gw.settings.graceful_shutdown_timeout
+    await drain(gw, server, grace)
+    if server.open_connections:
+        log.warning("%d connection(s) still open after the %gs grace period: closing them",
+                    server.open_connections, grace)
     try:
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
@@ -94,20 +110,23 @@ async def reload_worker(gw: Gateway, state_path: Path) -> None:
         log.error("reload failed in this worker, keeping generation %d: %s", gw.catalog.generation, exc)
 
 
-def make_http_server(app, settings: Settings) -> GatewayHTTPServer:
+def make_http_server(app, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> GatewayHTTPServer:
     """Tornado's limits are the configured ones: no body over ``max_request_size_mb`` is read
     (each route narrows it further in ``BaseHandler.prepare``), no head over 1 MB is buffered,
     and idle keep-alive connections close after ``keepalive_timeout``. X-Forwarded-For is not
     Tornado's business here: handlers believe it only from ``trusted_proxies``."""
     body_limit = int(settings.max_request_size_mb * 1024 * 1024)
-    return GatewayHTTPServer(app, xheaders=False, max_body_size=body_limit, max_header_size=HEADER_READ_CAP,
+    return GatewayHTTPServer(app, ssl_options=ssl_context, xheaders=False, max_body_size=body_limit,
+                             max_header_size=HEADER_READ_CAP,
                              max_buffer_size=max(body_limit, HEADER_READ_CAP) + 65536,
                              idle_connection_timeout=settings.keepalive_timeout, body_timeout=300)
 
 
-async def drain(gw: Gateway, grace: float) -> None:
+async def drain(gw: Gateway, server: GatewayHTTPServer, grace: float) -> None:
+    """Wait until no request is in flight and every connection has closed (each closes after
+    its response), or ``grace`` seconds."""
     deadline = time.monotonic() + grace
-    while gw.in_flight > 0 and time.monotonic() < deadline:
+    while (gw.in_flight > 0 or server.open_connections) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -118,6 +137,7 @@ class ServeOptions:
     workers: int = 8
     pid_file: Path | None = None
     require_db: bool = False
+    ssl_context: ssl.SSLContext | None = None  # serve HTTPS
 
 
 def default_pid_file(port: int) -> Path:
@@ -156,7 +176,8 @@ def serve(config: Config, options: ServeOptions) -> int:
         if options.require_db and not database_reachable(config):
             return 1
         sockets = bind(options)
-        log.info("listening on %s:%d with %d worker(s)", options.host or "*", options.port, options.workers)
+        log.info("listening on %s:%d (%s) with %d worker(s)", options.host or "*", options.port,
+                 "HTTPS" if options.ssl_context else "HTTP", options.workers)
         multiproc_dir = tempfile.mkdtemp(prefix="tornado-proxy-metrics-")
         metrics.enable_multiprocess(multiproc_dir)
         pid_file = options.pid_file or default_pid_file(options.port)
@@ -167,7 +188,8 @@ def serve(config: Config, options: ServeOptions) -> int:
         health_reports.remove()  # a previous run's results are not this one's
         limits = LimitTable(workers=options.workers)  # before forking: every worker counts in it
         try:
-            return Supervisor(config, sockets, options.workers, StateFile(state_path), limits).run()
+            return Supervisor(config, sockets, options.workers, StateFile(state_path), limits,
+                              options.ssl_context).run()
         finally:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
             pid_file.unlink(missing_ok=True)
@@ -231,9 +253,10 @@ def database_reachable(config: Config) -> bool:
 
 class Supervisor:
     def __init__(self, config: Config, sockets: list[socket.socket], workers: int, state: StateFile,
-                 limits: LimitTable | None = None):
+                 limits: LimitTable | None = None, ssl_context: ssl.SSLContext | None = None):
         self.config, self.sockets, self.workers, self.state = config, sockets, workers, state
         self.limits = limits
+        self.ssl_context = ssl_context
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.deaths: list[float] = []
@@ -251,7 +274,7 @@ class Supervisor:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own handler is in
                 asyncio.run(run_worker(self.config, self.sockets, announce=index == 0,
                                        generation=self.generation, state_path=self.state.path, index=index,
-                                       limits_table=self.limits))
+                                       limits_table=self.limits, ssl_context=self.ssl_context))
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import ssl
 import threading
 import time
 from io import BytesIO
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 TIMEOUT_ERRORS = (pycurl.E_OPERATION_TIMEDOUT,)
 CONNECT_ERRORS = (pycurl.E_COULDNT_CONNECT, pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY,
                   pycurl.E_SSL_CONNECT_ERROR, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR)
+# the provider's certificate is not trusted (or not for this host name), or the CA bundle is unreadable
+TLS_ERRORS = (pycurl.E_PEER_FAILED_VERIFICATION, pycurl.E_SSL_CACERT_BADFILE, pycurl.E_SSL_PINNEDPUBKEYNOTMATCH)
 ABORTED = pycurl.E_ABORTED_BY_CALLBACK
 HTTP_ONLY = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
 STOCK_USER_AGENT = "Mozilla/5.0 (compatible; pycurl)"  # what Tornado's setup sends by default
@@ -38,6 +41,7 @@ STOCK_USER_AGENT = "Mozilla/5.0 (compatible; pycurl)"  # what Tornado's setup se
 # never send), as the stock setup does
 SUPPRESSED_HEADERS = (("Expect", b"Expect: "), ("Pragma", b"Pragma: "))
 CR_OR_LF = re.compile(rb"\r|\n")
+CR_OR_LF_TEXT = re.compile(r"[\r\n]+")
 
 
 class AbortableCurlClient(CurlAsyncHTTPClient):
@@ -54,12 +58,14 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
     (stock) -> 1052 req/s, for +3% to +9% CPU per request against 1 ms at saturation (commits).
     """
 
-    def initialize(self, max_clients: int = 10, start_within: float = 0.00025, **kwargs) -> None:
+    def initialize(self, max_clients: int = 10, start_within: float = 0.00025, default_ca: str | None = None,
+                   **kwargs) -> None:
         # The stock client makes all max_clients libcurl handles up front (1,000 are ~7 MB in
         # every worker); here they are made as concurrency first needs them, then reused.
         super().initialize(max_clients=0, **kwargs)
         self.max_clients = max_clients
         self.start_within = start_within
+        self.default_ca = default_ca  # CA bundle of the requests that verify without one of their own
         self._waiting_since: float | None = None  # when the oldest not-yet-started request came
         self._timeout_at = 0.0  # when the pending libcurl timer (self._timeout) fires
 
@@ -105,6 +111,7 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
             self._setup_buffered(curl, plain, buffer, headers)
         else:
             super()._curl_setup_request(curl, request, buffer, headers)
+        self._setup_tls(curl, plain)
         # Tornado turns on libcurl's VERBOSE trace whenever DEBUG logging is enabled; the trace
         # holds every request header and body, provider keys included. Never log it.
         curl.setopt(pycurl.VERBOSE, 0)
@@ -143,8 +150,6 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
         if request.decompress_response:
             curl.setopt(pycurl.ENCODING, "gzip,deflate")
         curl.setopt(pycurl.PROXY, "")  # as the stock client: no proxy taken from the environment
-        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
-        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
         if isinstance(request, UploadRequest):
             upload = request.upload
             upload.seek(0, 0)
@@ -160,6 +165,20 @@ class AbortableCurlClient(CurlAsyncHTTPClient):
             curl.setopt(pycurl.NOSIGNAL, 1)  # as the stock client: libcurl's signals are not thread-safe
         if request.prepare_curl_callback is not None:
             request.prepare_curl_callback(curl)
+
+    def _setup_tls(self, curl: pycurl.Curl, request: HTTPRequest) -> None:
+        """The request's certificate checks (``validate_cert``, ``ca_certs``: its deployment's
+        ``ssl_verify``), set on the handle every time: a pooled handle keeps whatever CA bundle
+        its previous request used, and libcurl offers no way back to its built-in default."""
+        if not request.validate_cert:
+            curl.setopt(pycurl.SSL_VERIFYPEER, 0)
+            curl.setopt(pycurl.SSL_VERIFYHOST, 0)
+            return
+        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
+        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
+        ca = request.ca_certs or self.default_ca
+        if ca:
+            curl.setopt(pycurl.CAINFO, ca)
 
     def abort(self, request: HTTPRequest, message: str) -> bool:
         # fetch() hands the client a _RequestProxy wrapping our request, not the request itself.
@@ -266,30 +285,45 @@ class Transfer:
         return self.status is not None and 200 <= self.status < 300
 
 
+def default_ca_bundle(ssl_cert_file: str | None) -> str | None:
+    """The CA bundle that verifies providers by default: ``SSL_CERT_FILE``, else the system's
+    (Python's OpenSSL knows where it is; the libcurl bundled with pycurl may look elsewhere)."""
+    return ssl_cert_file or ssl.get_default_verify_paths().cafile
+
+
 class Upstream:
-    def __init__(self, max_clients: int = 1000, connect_timeout: float = 10.0, start_within: float = 0.00025):
+    def __init__(self, max_clients: int = 1000, connect_timeout: float = 10.0, start_within: float = 0.00025,
+                 ssl_verify: bool | str = True, ssl_cert_file: str | None = None):
+        """``ssl_verify``: the default certificate check (litellm_settings.ssl_verify / SSL_VERIFY):
+        true, false, or a CA bundle path; ``ssl_cert_file``: the default CA bundle (SSL_CERT_FILE)."""
         self.connect_timeout = connect_timeout
-        self._client = AbortableCurlClient(force_instance=True, max_clients=max_clients, start_within=start_within)
+        self.default_verify = ssl_verify
+        self._client = AbortableCurlClient(force_instance=True, max_clients=max_clients, start_within=start_within,
+                                           default_ca=default_ca_bundle(ssl_cert_file))
 
     def close(self) -> None:
         self._client.close()
 
-    def _request(self, req: UpstreamRequest, timeout: float, upload=None, **kwargs) -> HTTPRequest:
+    def _request(self, req: UpstreamRequest, timeout: float, ssl_verify: bool | str | None, upload=None,
+                 **kwargs) -> HTTPRequest:
+        verify = self.default_verify if ssl_verify is None else ssl_verify
         common = dict(method=req.method, headers=dict(req.headers), connect_timeout=min(self.connect_timeout, timeout),
-                      request_timeout=timeout, decompress_response=True, follow_redirects=False, **kwargs)
+                      request_timeout=timeout, decompress_response=True, follow_redirects=False,
+                      validate_cert=verify is not False, ca_certs=verify if isinstance(verify, str) else None, **kwargs)
         if upload is not None:
             return UploadRequest(req.url, upload, **common)
         return HTTPRequest(req.url, body=req.body, **common)
 
     async def fetch(self, req: UpstreamRequest, timeout: float, transfer: Transfer | None = None,
-                    upload=None) -> UpstreamReply:
+                    ssl_verify: bool | str | None = None, upload=None) -> UpstreamReply:
         """A buffered call. Non-2xx replies are returned; transport failures raise ProxyErrors.
         With a ``transfer``, ``abort(transfer, reason)`` stops the call (an UpstreamError 499).
-        With an ``upload`` (``upload.UploadBody``), libcurl reads the request body from it."""
+        ``ssl_verify``: the deployment's certificate check (None: the default). With an
+        ``upload`` (``upload.UploadBody``), libcurl reads the request body from it."""
         head = HeaderLines()
         # The stock header callback parses every line into HTTPHeaders as it arrives (~6% of a
         # worker's CPU); the lines are kept as they are instead, and parsed if something reads them.
-        request = self._request(req, timeout, upload,
+        request = self._request(req, timeout, ssl_verify, upload,
                                 prepare_curl_callback=lambda curl: curl.setopt(pycurl.HEADERFUNCTION, head.add))
         if transfer is not None:
             transfer.request = request
@@ -298,7 +332,7 @@ class Upstream:
         except CurlError as exc:
             if transfer is not None and transfer.abort_reason is not None:
                 raise aborted(transfer) from None
-            raise transport_error(exc.errno, timeout) from None
+            raise transport_error(exc.errno, timeout, exc.message) from None
         except ValueError:
             raise unsendable() from None
         except HTTPClientError as exc:  # defensive: raise_error=False returns these as responses
@@ -309,7 +343,7 @@ class Upstream:
 
     async def stream(self, req: UpstreamRequest, timeout: float, first_byte_timeout: float | None,
                      on_head: Callable[[Transfer], None], on_chunk: Callable[[bytes], None],
-                     transfer: Transfer) -> Transfer:
+                     transfer: Transfer, ssl_verify: bool | str | None = None) -> Transfer:
         """Stream a call: ``on_head`` once the head is in, ``on_chunk`` for each 2xx body chunk.
 
         A non-2xx body is collected in ``transfer.error_body``. Raises a ProxyError on transport
@@ -352,7 +386,7 @@ class Upstream:
         loop = IOLoop.current()
         early: list[bytes] = []
         head, head_queued = HeaderLines(), False
-        transfer.request = self._request(req, timeout, streaming_callback=body_chunk,
+        transfer.request = self._request(req, timeout, ssl_verify, streaming_callback=body_chunk,
                                          prepare_curl_callback=lambda curl: curl.setopt(pycurl.HEADERFUNCTION, header_line))
         deadline = None
         if first_byte_timeout:
@@ -367,7 +401,7 @@ class Upstream:
                     f"Timeout: no response from the provider within {first_byte_timeout}s", retryable=True) from None
             if transfer.abort_reason is not None:  # the caller aborted it, and knows why
                 return transfer
-            raise transport_error(exc.errno, timeout) from None
+            raise transport_error(exc.errno, timeout, exc.message) from None
         finally:
             if deadline is not None:
                 loop.remove_timeout(deadline)
@@ -390,8 +424,15 @@ def unsendable() -> ProxyError:
                       "break in the deployment's api_key or extra_headers?).")
 
 
-def transport_error(errno: int, timeout: float) -> UpstreamError:
-    """A curl failure as the error LiteLLM answers with: 408 for timeouts, 503 otherwise."""
+def transport_error(errno: int, timeout: float, detail: str = "") -> UpstreamError:
+    """A curl failure as the error LiteLLM answers with: 408 for timeouts, 503 otherwise; a
+    certificate the gateway does not trust is a 502 with libcurl's reason (it names the
+    certificate problem and at most the host name, never the URL or a header)."""
+    if errno in TLS_ERRORS:
+        reason = CR_OR_LF_TEXT.sub(" ", detail or "")[:300] or f"curl error {errno}"
+        return UpstreamError(f"APIConnectionError: the provider's TLS certificate could not be verified: {reason}. "
+                             "Set the deployment's ssl_verify (litellm_params) or litellm_settings.ssl_verify to "
+                             "the CA bundle that signed it.", type="api_connection_error", retryable=True)
     if errno in TIMEOUT_ERRORS:
         return UpstreamTimeoutError(f"Timeout: the provider did not answer within {timeout}s", retryable=True)
     if errno in CONNECT_ERRORS:

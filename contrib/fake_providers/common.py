@@ -122,11 +122,12 @@ class FakeHandler(tornado.web.RequestHandler):
             self.streaming = False
 
 
-def listen(app: tornado.web.Application, port: int = 0, host: str = "127.0.0.1"
+def listen(app: tornado.web.Application, port: int = 0, host: str = "127.0.0.1", ssl_options=None
            ) -> tuple[tornado.httpserver.HTTPServer, int]:
-    """Serve ``app`` on ``host:port`` (0 = a free port); returns (server, actual port)."""
+    """Serve ``app`` on ``host:port`` (0 = a free port); returns (server, actual port).
+    ``ssl_options``: an ``ssl.SSLContext`` to serve HTTPS with (a provider behind TLS)."""
     sockets = tornado.netutil.bind_sockets(port, host)
-    server = tornado.httpserver.HTTPServer(app)
+    server = tornado.httpserver.HTTPServer(app, ssl_options=ssl_options)
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]
 

@@ -35,6 +35,7 @@ class Deployment:
     timeout: float | None = None
     stream_timeout: float | None = None
     mock_response: Any = None
+    ssl_verify: bool | str | None = None  # litellm_params.ssl_verify: None = the gateway's default
     defaults: Mapping[str, Any] = field(default_factory=dict)      # request params the config sets
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     public_params: Mapping[str, Any] = field(default_factory=dict)  # litellm_params minus secrets
