@@ -27,6 +27,7 @@ from .schemas import Schemas
 from .spend import SpendWriter
 from .spendstore import SpendStore
 from .tenants import Tenants
+from .tracing import TraceSettings, Tracer, check_installed
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class Gateway:
         if self.cache is None:
             self.cache_settings = None
         self._master_hash: tuple[str, str] | None = None
+        # OpenTelemetry tracing: None when off (the request path checks only that); a restart changes it
+        trace_settings = TraceSettings.parse(config.litellm_settings, config.environ)
+        self.tracer = Tracer(trace_settings) if trace_settings is not None else None
 
     def master_key_hash(self) -> str:
         """The master key's SHA-256 hex: its calls' ``api_key`` in the spend log (as LiteLLM's)."""
@@ -96,6 +100,8 @@ class Gateway:
 
     async def start(self, require_db: bool = False) -> None:
         """Create what needs the running event loop; connect the database (if configured)."""
+        if self.tracer is not None:
+            self.tracer.start()  # its export thread belongs to this worker (after the fork)
         self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout)
         await self.catalog.start(require_db)
         await self.tenants.start()
@@ -121,6 +127,8 @@ class Gateway:
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+        if self.tracer is not None:  # last: every request has ended and its span is queued
+            await self.tracer.stop(self.tracer.settings.timeout + 1.0)
 
     async def reload(self, config: Config, generation: int) -> None:
         """Swap in a validated config: routes, models and settings. Requests in flight keep
@@ -132,6 +140,9 @@ class Gateway:
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
         if CacheSettings.parse(config.litellm_settings)[0] != CacheSettings.parse(self.config.litellm_settings)[0]:
             log.warning("reload: litellm_settings.cache / cache_params changed; they take effect at the next restart")
+        if TraceSettings.parse(config.litellm_settings, config.environ) != TraceSettings.parse(
+                self.config.litellm_settings, self.config.environ):
+            log.warning("reload: tracing settings (callbacks otel, OTEL_*) changed; they take effect at the next restart")
         router = with_settings(self.router, RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.config = keep_restart_only(config, self.settings)
         self.settings = self.config.settings
@@ -214,6 +225,9 @@ def validate(config: Config) -> Registry:
         routes.check(config.routes, HANDLERS, Schemas(resource_dir("schemas")))
         RouterSettings.parse(config.router_settings, config.litellm_settings)
         CacheSettings.parse(config.litellm_settings)
+        trace_settings = TraceSettings.parse(config.litellm_settings, config.environ)
+        if trace_settings is not None:
+            check_installed(trace_settings)
         return build_registry(config.models, config.environ, aliases=config.router_settings.get("model_group_alias"))
     except ConfigError as exc:
         raise ConfigError(f"{config.path}: {exc}") from None

@@ -119,7 +119,12 @@ class LLMHandler(BaseHandler):
     cache_answer: dict | None = None                 # the complete answer, once there is one to store
 
     async def post(self, **_path) -> None:
+        if self.gw.tracer is not None:
+            self.trace = self.gw.tracer.request(self.request.headers, self.request.method, self.route.path,
+                                                self.endpoint, self.ctx.started_at)
         body = self.json_body()
+        if self.trace is not None:
+            self.trace.request_body(body)
         self.note_caller_fields(body)
         self.check_model(body["model"])
         check_budgets(self.principal, body["model"], self.gw.settings.budget_exceeded_status_code)
@@ -173,6 +178,8 @@ class LLMHandler(BaseHandler):
         """A hit: the stored answer as JSON, or replayed as an event stream; no provider call."""
         self.ctx.cache_hit = True
         self.ctx.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        if self.trace is not None:
+            self.trace.response_answer(answer)
         self.set_header("x-litellm-cache-hit", "True")
         self.set_header("x-litellm-model-group", self.ctx.requested_model)
         if self.ctx.stream and answer.get("object") != "list":
@@ -248,7 +255,7 @@ class LLMHandler(BaseHandler):
         for retry in range(retries + 1):
             try:
                 d = router.pick(deployments, failed, unhealthy)
-                await self.attempt(d, body, deadline)
+                await (self.attempt(d, body, deadline) if self.trace is None else self.traced_attempt(d, body, deadline))
                 return None
             except NoDeploymentAvailable as exc:
                 return exc
@@ -270,6 +277,19 @@ class LLMHandler(BaseHandler):
                 return None
             self.ctx.retries += 1
         return error
+
+    async def traced_attempt(self, d: Deployment, body: dict, deadline: float) -> None:
+        """``attempt`` inside a CLIENT span (tracing on)."""
+        self.trace.start_attempt(d, self.ctx.retries)
+        try:
+            await self.attempt(d, body, deadline)
+        except ProxyError as exc:
+            self.trace.end_attempt(None, exc)
+            raise
+        except BaseException:
+            self.trace.end_attempt(None, ProxyError("The attempt ended unexpectedly."))
+            raise
+        self.trace.end_attempt(self.ctx.usage, None)
 
     async def attempt(self, d: Deployment, body: dict, deadline: float) -> None:
         """One call to one deployment. Raises a ProxyError when it failed before anything
@@ -404,6 +424,8 @@ class LLMHandler(BaseHandler):
         if not self.ctx.stream:
             reply = provider.respond(d, endpoint, body)
             self.ctx.usage = reply.usage
+            if self.trace is not None:
+                self.trace.response_body(reply.body)
             self.set_duration_headers()
             self.set_header("Content-Type", "application/json")
             self.finish(self.output.body(reply.body))
@@ -411,6 +433,8 @@ class LLMHandler(BaseHandler):
             return
         chunks, usage = provider.stream(d, endpoint, body)
         self.ctx.usage = usage
+        if self.trace is not None:
+            self.trace.stream_payloads(chunks)
         self.start_event_stream()
         self.write(b"".join(self.output.event(c) for c in chunks) + self.output.end())
         self.finish()
@@ -430,6 +454,8 @@ class LLMHandler(BaseHandler):
             raise d.scrubber.error(provider.parse_error(reply, d))
         response = provider.parse_response(endpoint, reply)
         self.ctx.usage = response.usage
+        if self.trace is not None:
+            self.trace.response_body(response.body)
         self.set_duration_headers()
         self.set_header("Content-Type", "application/json")
         self.finish(self.output.body(response.body))
@@ -451,6 +477,7 @@ class LLMHandler(BaseHandler):
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
         render = self.output.event
+        trace = self.trace
         assembler = self.assembler = StreamAssembler() if self.assembler is not None else None  # this attempt's
         not_a_stream = False        # a 2xx that is not an event stream: its body is collected
         stopped: ProxyError | None = None  # why the gateway stopped the upstream itself
@@ -483,6 +510,8 @@ class LLMHandler(BaseHandler):
             if assembler is not None:
                 for data in payloads:
                     assembler.add(data)
+            if trace is not None:
+                trace.stream_payloads(payloads)
             out = [render(data) for data in payloads]
             if out:
                 if not self._headers_written:  # the first event: now the response is committed
@@ -563,6 +592,8 @@ class LLMHandler(BaseHandler):
 
     def end_stream_with_error(self, exc: ProxyError) -> None:
         log.warning("call %s: upstream failed mid-stream: %s", self.ctx.call_id, exc.message)
+        if self.trace is not None:
+            self.trace.failed(exc)
         self.write(self.output.error_event(exc))
         self.finish()
 
