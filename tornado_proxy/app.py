@@ -63,7 +63,8 @@ class Gateway:
         self.health = health or HealthMonitor(MemoryReports(), runs_checks=True)
         # under ``serve`` the supervisor's table, shared by all workers; alone, a table of its own
         self.own_limits = limits is None
-        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis)
+        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis,
+                                   rejections=self.metrics.rate_limit_rejections)
         db = self.catalog.store.db if self.catalog.store is not None else None
         self.spend_store = SpendStore(db) if db is not None else None
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
@@ -168,6 +169,8 @@ class Gateway:
         m.record(route, ctx.model_group or "", status, elapsed,
                  ctx.deployment.provider if ctx.deployment is not None and ctx.upstream_s else None,
                  ctx.upstream_s, ctx.usage)
+        if ctx.retries:
+            m.child(m.retries, ctx.model_group or "").inc(ctx.retries)
 
 
 def keep_restart_only(config: Config, running: Settings) -> Config:

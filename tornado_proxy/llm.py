@@ -228,6 +228,7 @@ class LLMHandler(BaseHandler):
             return
         kind = fallback_kind(error)
         groups = router.fallback_groups(deployments[0].model_name, kind, request_fallbacks(body)) if kind else ()
+        metrics, requested = self.gw.metrics, deployments[0].model_name
         for group in groups[:router.settings.max_fallbacks]:
             if self.client_gone or time.perf_counter() >= deadline:
                 break
@@ -239,6 +240,7 @@ class LLMHandler(BaseHandler):
             self.ctx.fallbacks += 1
             log.info("call %s: falling back to %r after: %s", self.ctx.call_id, group, error.message)
             error = await self.call_group(deployments, body, retries, deadline)
+            metrics.child(metrics.fallbacks_failed if error else metrics.fallbacks_ok, requested, group).inc()
             if error is None:
                 return
         if not self.client_gone:
@@ -256,6 +258,7 @@ class LLMHandler(BaseHandler):
             try:
                 d = router.pick(deployments, failed, unhealthy)
                 await (self.attempt(d, body, deadline) if self.trace is None else self.traced_attempt(d, body, deadline))
+                self.gw.metrics.attempt_ended(d.model_name, d.id, d.provider, None, False)
                 return None
             except NoDeploymentAvailable as exc:
                 return exc
@@ -263,7 +266,8 @@ class LLMHandler(BaseHandler):
                 error = exc
             if self.client_gone:
                 return None
-            router.failed(d, len(deployments), error)
+            cooled = router.failed(d, len(deployments), error)
+            self.gw.metrics.attempt_ended(d.model_name, d.id, d.provider, error.status, cooled)
             failed.add(d.id)
             if not is_retryable(error) or retry == retries:
                 return error

@@ -285,14 +285,17 @@ class Router:
         return configured if configured is not None else table_price(self.price_table, d)
 
     # --- outcomes ---------------------------------------------------------------------------
-    def failed(self, d: Deployment, group_size: int, error: ProxyError) -> None:
+    def failed(self, d: Deployment, group_size: int, error: ProxyError) -> bool:
         """Count a failed attempt; cool the deployment down after more than ``allowed_fails``
-        failures this minute, or at once on a 429, unless it is its group's only one."""
+        failures this minute, or at once on a 429, unless it is its group's only one. True when
+        it was cooled down."""
         if not is_retryable(error) or group_size < 2:
-            return
+            return False
         fails = self.counters.add_failure(d.id)
         if error.status == 429 or fails > self.settings.allowed_fails:
             self.counters.cool_down(d.id, self.settings.cooldown_time)
+            return True
+        return False
 
     def retry_delay(self, retries_done: int, error: ProxyError, another_deployment: bool) -> float:
         """Seconds to wait before the next attempt: only ``retry_after`` when it goes to another
