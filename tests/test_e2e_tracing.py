@@ -227,13 +227,26 @@ async def test_env_endpoint_alone_turns_tracing_on(gateway, fetch, fake_openai, 
     assert r.code == 200 and attrs(span)["litellm.model_group"] == "gpt-fake"
 
 
-async def test_collector_that_refuses_connections_costs_nothing(gateway, fetch, fake_openai):
+async def test_collector_that_refuses_connections_costs_nothing(gateway, fetch, fake_openai, caplog):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     gw = await gateway(traced_config(fake_openai), env=otel_env(f"http://127.0.0.1:{port}"))
-    for body in (CHAT, {**CHAT, "stream": True}, CHAT):
-        r = await fetch(gw, "/v1/chat/completions", body)
-        assert r.code == 200
-    await gw.stop()  # the final flush meets the refusing collector and still ends
+    with caplog.at_level("WARNING", logger="opentelemetry"):
+        for body in (CHAT, {**CHAT, "stream": True}, CHAT):
+            r = await fetch(gw, "/v1/chat/completions", body)
+            assert r.code == 200
+        await gw.stop()  # the final flush meets the refusing collector and still ends
     assert gw.task.done() and gw.task.exception() is None
+    # the spans were really sent (and refused): the exporter said so
+    assert any(r.name.startswith("opentelemetry.exporter") for r in caplog.records), caplog.records
+
+
+async def test_stop_flushes_queued_spans(gateway, fetch, fake_openai, collector):
+    """A long batch delay keeps spans queued; stopping the gateway (what SIGTERM does) sends them."""
+    gw = await gateway(traced_config(fake_openai), env={**otel_env(collector.base), "OTEL_BSP_SCHEDULE_DELAY": "600000"})
+    r = await fetch(gw, "/v1/chat/completions", CHAT)
+    assert r.code == 200 and collector.spans == []
+    await gw.stop()
+    assert collector.server_span(r.headers["x-litellm-call-id"]) is not None
+    assert len(collector.spans) == 2

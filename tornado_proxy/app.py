@@ -143,7 +143,7 @@ class Gateway:
             log.warning("reload: litellm_settings.cache / cache_params changed; they take effect at the next restart")
         if TraceSettings.parse(config.litellm_settings, config.environ) != TraceSettings.parse(
                 self.config.litellm_settings, self.config.environ):
-            log.warning("reload: tracing settings (callbacks otel, OTEL_*) changed; they take effect at the next restart")
+            log.warning("reload: tracing settings changed; they take effect at the next restart")
         router = with_settings(self.router, RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.config = keep_restart_only(config, self.settings)
         self.settings = self.config.settings

@@ -257,7 +257,10 @@ class LLMHandler(BaseHandler):
         for retry in range(retries + 1):
             try:
                 d = router.pick(deployments, failed, unhealthy)
-                await (self.attempt(d, body, deadline) if self.trace is None else self.traced_attempt(d, body, deadline))
+                if self.trace is None:
+                    await self.attempt(d, body, deadline)
+                else:
+                    await self.traced_attempt(d, body, deadline)
                 self.gw.metrics.attempt_ended(d.model_name, d.id, d.provider, None, False)
                 return None
             except NoDeploymentAvailable as exc:

@@ -25,7 +25,7 @@ from urllib.parse import unquote
 import orjson
 
 from .cachekey import StreamAssembler
-from .config import CALLBACK_KEYS, ConfigError
+from .config import CALLBACK_KEYS, ConfigError, public_url
 from .errors import ProxyError, UpstreamConnectionError, UpstreamTimeoutError
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class Tracer:
         self.otel = OTel(tracer=self.provider.get_tracer(TRACER_NAME), propagator=TraceContextTextMapPropagator(),
                          kind=trace.SpanKind, status=trace.Status, code=trace.StatusCode,
                          in_context=trace.set_span_in_context)
-        log.info("tracing on (%s): OTLP/HTTP spans to %s as service %r%s", s.enabled_by, s.endpoint,
+        log.info("tracing on (%s): OTLP/HTTP spans to %s as service %r%s", s.enabled_by, public_url(s.endpoint),
                  s.service_name, ", with prompt and completion text" if s.log_content else "")
 
     def flush(self, timeout_s: float = 5.0) -> bool:
