@@ -250,3 +250,13 @@ async def test_stop_flushes_queued_spans(gateway, fetch, fake_openai, collector)
     await gw.stop()
     assert collector.server_span(r.headers["x-litellm-call-id"]) is not None
     assert len(collector.spans) == 2
+
+
+async def test_stream_that_fails_midway_is_an_error(gateway, fetch, fake_openai, collector):
+    gw = await gateway(traced_config(fake_openai), env=otel_env(collector.base))
+    fake_openai.stream_chunks, fake_openai.fail_mid_stream_after = 6, 2
+    r, span, (attempt,) = await traced_call(collector, fetch, gw, {**CHAT, "stream": True})
+    assert r.code == 200 and b'"error"' in r.body  # the error went out as the last event
+    assert span.status.code == attempt.status.code == Status.StatusCode.STATUS_CODE_ERROR
+    assert attrs(span)["http.response.status_code"] == 200  # what the client got
+    assert attrs(span)["error.type"] == attrs(attempt)["error.type"] != "200"

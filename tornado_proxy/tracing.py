@@ -236,16 +236,11 @@ class Tracer:
         # a provider of our own (no process-global set_tracer_provider): one per Gateway
         self.provider = TracerProvider(resource=Resource.create({"service.name": s.service_name}))
         self.provider.add_span_processor(processor)
-        self.processor = processor
         self.otel = OTel(tracer=self.provider.get_tracer(TRACER_NAME), propagator=TraceContextTextMapPropagator(),
                          kind=trace.SpanKind, status=trace.Status, code=trace.StatusCode,
                          in_context=trace.set_span_in_context)
         log.info("tracing on (%s): OTLP/HTTP spans to %s as service %r%s", s.enabled_by, public_url(s.endpoint),
                  s.service_name, ", with prompt and completion text" if s.log_content else "")
-
-    def flush(self, timeout_s: float = 5.0) -> bool:
-        """Export every ended span now (blocking: tests and shutdown only)."""
-        return self.processor.force_flush(int(timeout_s * 1000)) if self.provider is not None else True
 
     async def stop(self, timeout_s: float) -> None:
         """Flush and shut the exporter down off the event loop; a collector that is down costs
@@ -324,7 +319,7 @@ class RequestTrace:
             return
         error = error or self.error  # a stream that ended with an error event
         if error is not None:
-            self.mark_failed(span, error)
+            self.mark_failed(span, error, error.status)
         else:
             span.set_attribute("http.response.status_code", 200)
             self.set_usage(span, usage)
@@ -394,8 +389,8 @@ class RequestTrace:
             answer = self.assembler.answer()
             if answer is not None:
                 span.set_attribute("gen_ai.output.messages", content_json(output_messages(answer)))
-        if self.error is not None:
-            self.mark_failed(span, self.error)
+        if self.error is not None:  # the status sent stays (a stream that failed mid-way sent 200)
+            self.mark_failed(span, self.error, status)
         elif status >= 400:
             span.set_attribute("error.type", str(status))
             span.set_status(self.otel.status(self.otel.code.ERROR, str(status)))
@@ -414,7 +409,6 @@ class RequestTrace:
             if isinstance(value, int) and not isinstance(value, bool):
                 span.set_attribute(attr, value)
 
-    def mark_failed(self, span, error: ProxyError) -> None:
-        kind = error_type(error)
-        span.set_attributes({"error.type": kind, "http.response.status_code": error.status})
+    def mark_failed(self, span, error: ProxyError, status: int) -> None:
+        span.set_attributes({"error.type": error_type(error), "http.response.status_code": status})
         span.set_status(self.otel.status(self.otel.code.ERROR, f"{error.status} {error.type}"))
