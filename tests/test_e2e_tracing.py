@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTrac
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from contrib.fake_providers.common import listen
-from tests.conftest import PROVIDER_KEY, wait_for
+from .conftest import PROVIDER_KEY, wait_for
 
 PROMPT = "the-secret-prompt-7f3a"
 COMPLETION = "the-private-completion-91bc"

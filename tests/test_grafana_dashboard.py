@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import PROVIDER_KEY
+from .conftest import PROVIDER_KEY
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "tornado-proxy.json"
 IDENT = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
