@@ -3,6 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+OTEL = ["opentelemetry-api>=1.30", "opentelemetry-sdk>=1.30", "opentelemetry-exporter-otlp-proto-http>=1.30"]
 
 
 def version():
@@ -48,7 +49,10 @@ setup(
             "openai>=1.40",
             "anthropic>=0.40",
             "trustme>=1.1",
+            *OTEL,
         ],
+        # OpenTelemetry tracing (tracing.py), imported only when tracing is configured
+        "otel": OTEL,
     },
     entry_points={"console_scripts": ["proxyctl=tornado_proxy.cli:main"]},
 )

@@ -29,6 +29,7 @@ from .schemas import Schemas
 from .spend import SpendWriter
 from .spendstore import SpendStore
 from .tenants import Tenants
+from .tracing import TraceSettings, Tracer, check_installed
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class Gateway:
         self.health = health or HealthMonitor(MemoryReports(), runs_checks=True)
         # under ``serve`` the supervisor's table, shared by all workers; alone, a table of its own
         self.own_limits = limits is None
-        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis)
+        self.limiter = RateLimiter(limits or LimitTable(), worker if limits else 0, redis,
+                                   rejections=self.metrics.rate_limit_rejections)
         db = self.catalog.store.db if self.catalog.store is not None else None
         self.spend_store = SpendStore(db) if db is not None else None
         # Responses API responses of translated models (previous_response_id, GET / DELETE)
@@ -84,6 +86,9 @@ class Gateway:
         if self.cache is None:
             self.cache_settings = None
         self._master_hash: tuple[str, str] | None = None
+        # OpenTelemetry tracing: None when off (the request path checks only that); a restart changes it
+        trace_settings = TraceSettings.parse(config.litellm_settings, config.environ)
+        self.tracer = Tracer(trace_settings) if trace_settings is not None else None
 
     def master_key_hash(self) -> str:
         """The master key's SHA-256 hex: its calls' ``api_key`` in the spend log (as LiteLLM's)."""
@@ -106,6 +111,8 @@ class Gateway:
 
     async def start(self, require_db: bool = False) -> None:
         """Create what needs the running event loop; connect the database (if configured)."""
+        if self.tracer is not None:
+            self.tracer.start()  # its export thread belongs to this worker (after the fork)
         self.upstream = Upstream(self.settings.upstream_max_connections, self.settings.upstream_connect_timeout,
                                  ssl_verify=self.settings.ssl_verify, ssl_cert_file=self.settings.ssl_cert_file)
         await self.catalog.start(require_db)
@@ -135,6 +142,8 @@ class Gateway:
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+        if self.tracer is not None:  # last: every request has ended and its span is queued
+            await self.tracer.stop(self.tracer.settings.timeout + 1.0)
 
     async def reload(self, config: Config, generation: int) -> None:
         """Swap in a validated config: routes, models and settings. Requests in flight keep
@@ -146,6 +155,9 @@ class Gateway:
                 log.warning("reload: %s changed; it takes effect at the next restart", name)
         if CacheSettings.parse(config.litellm_settings)[0] != CacheSettings.parse(self.config.litellm_settings)[0]:
             log.warning("reload: litellm_settings.cache / cache_params changed; they take effect at the next restart")
+        if TraceSettings.parse(config.litellm_settings, config.environ) != TraceSettings.parse(
+                self.config.litellm_settings, self.config.environ):
+            log.warning("reload: tracing settings changed; they take effect at the next restart")
         router = with_settings(self.router, RouterSettings.parse(config.router_settings, config.litellm_settings))
         self.config = keep_restart_only(config, self.settings)
         self.settings = self.config.settings
@@ -172,6 +184,8 @@ class Gateway:
         m.record(route, ctx.model_group or "", status, elapsed,
                  ctx.deployment.provider if ctx.deployment is not None and ctx.upstream_s else None,
                  ctx.upstream_s, ctx.usage)
+        if ctx.retries:
+            m.child(m.retries, ctx.model_group or "").inc(ctx.retries)
 
 
 def keep_restart_only(config: Config, running: Settings) -> Config:
@@ -230,6 +244,9 @@ def validate(config: Config) -> Registry:
         RouterSettings.parse(config.router_settings, config.litellm_settings)
         CacheSettings.parse(config.litellm_settings)
         RetentionSettings.parse(config.settings)
+        trace_settings = TraceSettings.parse(config.litellm_settings, config.environ)
+        if trace_settings is not None:
+            check_installed(trace_settings)
         return build_registry(config.models, config.environ, aliases=config.router_settings.get("model_group_alias"))
     except ConfigError as exc:
         raise ConfigError(f"{config.path}: {exc}") from None

@@ -552,9 +552,9 @@ def load_default_routes() -> tuple[RouteSpec, ...]:
 # `proxyctl check` and start-up can say it). Keys not in this table get a generic line.
 UNSUPPORTED: Mapping[str, str] = {
     "litellm_settings.success_callback": "successful calls are not sent to these callbacks (only the JSON "
-                                         "request log and /metrics)",
-    "litellm_settings.failure_callback": "failed calls are not sent to these callbacks",
-    "litellm_settings.callbacks": "no callbacks are run",
+                                         "request log, /metrics and \"otel\" tracing)",
+    "litellm_settings.failure_callback": "failed calls are not sent to these callbacks (only \"otel\" is implemented)",
+    "litellm_settings.callbacks": "no callbacks but \"otel\" (OpenTelemetry tracing) are run",
     "litellm_settings.set_verbose": "not read; use --log-level DEBUG or --detailed_debug",
     "litellm_settings.json_logs": "not read; the request log is always JSON",
     "litellm_settings.max_budget": "no budget is enforced",
@@ -583,6 +583,14 @@ ROUTER_KEYS = ("routing_strategy", "routing_strategy_args", "num_retries", "allo
 LITELLM_ROUTER_KEYS = ("num_retries", "request_timeout", "fallbacks", "context_window_fallbacks",
                        "content_policy_fallbacks", "default_fallbacks")
 LITELLM_CACHE_KEYS = ("cache", "cache_params")  # cachekey.CacheSettings reads them
+LITELLM_TRACING_KEYS = ("otel_log_content", "turn_off_message_logging")  # tracing.TraceSettings reads them
+CALLBACK_KEYS = ("callbacks", "success_callback", "failure_callback")  # "otel" is implemented (tracing.py)
+
+
+def implemented_callbacks(value: Any) -> bool:
+    """A callbacks list this gateway runs in full: it names "otel" and nothing else."""
+    names = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    return bool(names) and all(name == "otel" for name in names)
 
 
 def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
@@ -592,8 +600,11 @@ def ignored_keys(doc: Mapping[str, Any]) -> tuple[str, ...]:
     out += [f"general_settings.{k}" for k in (doc.get("general_settings") or {}) if k not in known]
     router = doc.get("router_settings") or {}
     out += [f"router_settings.{k}" for k in router if k not in used_router]
-    used_litellm = {s.name for s in SETTINGS if s.section == "litellm_settings"} | set(LITELLM_ROUTER_KEYS) | set(LITELLM_CACHE_KEYS)
-    out += [f"litellm_settings.{k}" for k in (doc.get("litellm_settings") or {}) if k not in used_litellm]
+    used_litellm = ({s.name for s in SETTINGS if s.section == "litellm_settings"} | set(LITELLM_ROUTER_KEYS)
+                    | set(LITELLM_CACHE_KEYS) | set(LITELLM_TRACING_KEYS))
+    litellm = doc.get("litellm_settings") or {}
+    out += [f"litellm_settings.{k}" for k in litellm if k not in used_litellm
+            and not (k in CALLBACK_KEYS and implemented_callbacks(litellm[k]))]
     return tuple(out)
 
 

@@ -54,6 +54,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     SUPPORTED_METHODS = ALL_METHODS
     body_limit: int | None = SMALL_BODY_LIMIT  # bytes; None: general_settings.max_request_size_mb
+    trace = None  # a tracing.RequestTrace while tracing is on and the route is traced (LLM calls)
 
     def initialize(self, gw, route=None) -> None:
         self.gw = gw
@@ -190,6 +191,8 @@ class BaseHandler(tornado.web.RequestHandler):
             error = ProxyError(self._reason, status=status_code, type="invalid_request_error")
         else:
             error = ProxyError("Internal server error; the gateway logged the details.", status=status_code)
+        if self.trace is not None:
+            self.trace.failed(error)
         self.set_status(error.status)
         for name, value in error.headers.items():
             self.set_header(name, value)
@@ -242,6 +245,8 @@ class BaseHandler(tornado.web.RequestHandler):
         elapsed = time.perf_counter() - self.ctx.started
         route = self.route.path if self.route else "(unmatched)"
         self.gw.record(route, self.ctx, status, elapsed, began=self._in_flight)
+        if self.trace is not None:
+            self.trace.end(self.ctx, status)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(self.log_line(route, status, elapsed))
 

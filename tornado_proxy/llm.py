@@ -120,7 +120,12 @@ class LLMHandler(BaseHandler):
     cache_answer: dict | None = None                 # the complete answer, once there is one to store
 
     async def post(self, **_path) -> None:
+        if self.gw.tracer is not None:
+            self.trace = self.gw.tracer.request(self.request.headers, self.request.method, self.route.path,
+                                                self.endpoint, self.ctx.started_at)
         body = self.json_body()
+        if self.trace is not None:
+            self.trace.request_body(body)
         self.note_caller_fields(body)
         self.check_model(body["model"])
         check_budgets(self.principal, body["model"], self.gw.settings.budget_exceeded_status_code)
@@ -172,6 +177,8 @@ class LLMHandler(BaseHandler):
         """A hit: the stored answer as JSON, or replayed as an event stream; no provider call."""
         self.ctx.cache_hit = True
         self.ctx.usage = self.cached_usage(answer)
+        if self.trace is not None:
+            self.trace.response_answer(answer)
         self.set_header("x-litellm-cache-hit", "True")
         self.set_header("x-litellm-model-group", self.ctx.requested_model)
         if self.ctx.stream and answer.get("object") != "list":
@@ -241,6 +248,7 @@ class LLMHandler(BaseHandler):
             return
         kind = fallback_kind(error)
         groups = router.fallback_groups(deployments[0].model_name, kind, request_fallbacks(body)) if kind else ()
+        metrics, requested = self.gw.metrics, deployments[0].model_name
         for group in groups[:router.settings.max_fallbacks]:
             if self.client_gone or time.perf_counter() >= deadline:
                 break
@@ -252,6 +260,7 @@ class LLMHandler(BaseHandler):
             self.ctx.fallbacks += 1
             log.info("call %s: falling back to %r after: %s", self.ctx.call_id, group, error.message)
             error = await self.call_group(deployments, body, retries, deadline)
+            metrics.child(metrics.fallbacks_failed if error else metrics.fallbacks_ok, requested, group).inc()
             if error is None:
                 return
         if not self.client_gone:
@@ -270,7 +279,11 @@ class LLMHandler(BaseHandler):
         while True:
             try:
                 d = router.pick(deployments, failed, unhealthy)
-                await self.attempt(d, body, deadline)
+                if self.trace is None:
+                    await self.attempt(d, body, deadline)
+                else:
+                    await self.traced_attempt(d, body, deadline)
+                self.gw.metrics.attempt_ended(d.model_name, d.id, d.provider, None, False)
                 return None
             except NoDeploymentAvailable as exc:
                 return exc
@@ -278,7 +291,8 @@ class LLMHandler(BaseHandler):
                 error = exc
             if self.client_gone:
                 return None
-            router.failed(d, len(deployments), error)
+            cooled = router.failed(d, len(deployments), error)
+            self.gw.metrics.attempt_ended(d.model_name, d.id, d.provider, error.status, cooled)
             failed.add(d.id)
             if retry >= router.retries_for(d.model_name, error, retries):
                 return error
@@ -292,6 +306,19 @@ class LLMHandler(BaseHandler):
                 return None
             self.ctx.retries += 1
             retry += 1
+
+    async def traced_attempt(self, d: Deployment, body: dict, deadline: float) -> None:
+        """``attempt`` inside a CLIENT span (tracing on)."""
+        self.trace.start_attempt(d, self.ctx.retries)
+        try:
+            await self.attempt(d, body, deadline)
+        except ProxyError as exc:
+            self.trace.end_attempt(None, exc)
+            raise
+        except BaseException:
+            self.trace.end_attempt(None, ProxyError("The attempt ended unexpectedly."))
+            raise
+        self.trace.end_attempt(self.ctx.usage, None)
 
     async def attempt(self, d: Deployment, body: dict, deadline: float) -> None:
         """One call to one deployment. Raises a ProxyError when it failed before anything
@@ -430,6 +457,8 @@ class LLMHandler(BaseHandler):
         if not self.ctx.stream:
             reply = provider.respond(d, endpoint, body)
             self.ctx.usage = reply.usage
+            if self.trace is not None:
+                self.trace.response_body(reply.body)
             self.set_duration_headers()
             self.set_header("Content-Type", "application/json")
             self.finish(self.output.body(reply.body))
@@ -437,6 +466,8 @@ class LLMHandler(BaseHandler):
             return
         chunks, usage = provider.stream(d, endpoint, body)
         self.ctx.usage = usage
+        if self.trace is not None:
+            self.trace.stream_payloads(chunks)
         self.start_event_stream()
         self.write(b"".join(self.output.event(c) for c in chunks) + self.output.end())
         self.finish()
@@ -457,6 +488,8 @@ class LLMHandler(BaseHandler):
             raise d.scrubber.error(provider.parse_error(reply, d))
         response = provider.parse_response(endpoint, reply)
         self.ctx.usage = response.usage
+        if self.trace is not None:
+            self.trace.response_body(response.body)
         self.set_duration_headers()
         self.set_header("Content-Type", "application/json")
         self.finish(self.output.body(response.body))
@@ -478,6 +511,7 @@ class LLMHandler(BaseHandler):
         parser = provider.stream_parser()
         transfer = self.transfer = Transfer()
         render = self.output.event
+        trace = self.trace
         assembler = self.assembler = self.new_assembler() if self.assembling else None  # this attempt's
         not_a_stream = False        # a 2xx that is not an event stream: its body is collected
         stopped: ProxyError | None = None  # why the gateway stopped the upstream itself
@@ -510,6 +544,8 @@ class LLMHandler(BaseHandler):
             if assembler is not None:
                 for data in payloads:
                     assembler.add(data)
+            if trace is not None:
+                trace.stream_payloads(payloads)
             out = [render(data) for data in payloads]
             if out:
                 if not self._headers_written:  # the first event: now the response is committed
@@ -591,6 +627,8 @@ class LLMHandler(BaseHandler):
 
     def end_stream_with_error(self, exc: ProxyError) -> None:
         log.warning("call %s: upstream failed mid-stream: %s", self.ctx.call_id, exc.message)
+        if self.trace is not None:
+            self.trace.failed(exc)
         self.write(self.output.error_event(exc))
         self.finish()
 

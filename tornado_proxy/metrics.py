@@ -50,6 +50,31 @@ class Metrics:
                                     ["model"], registry=r)
         self.cache_errors = Counter("litellm_cache_errors_metric", "Cache reads and writes skipped because the "
                                     "cache (Redis) did not answer", ["model"], registry=r)
+        self.overhead_latency = Histogram("litellm_overhead_latency_metric", "Time the gateway added to a call "
+                                          "that went upstream (total minus upstream), in seconds", ["model"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        # Per deployment (LiteLLM's names): attempts, cooldowns, and 0 healthy / 1 partial outage
+        # (its latest attempt failed) / 2 complete outage (cooled down)
+        deployment = ["model", "model_id", "api_provider"]
+        self.deployment_successes = Counter("litellm_deployment_success_responses", "Successful upstream "
+                                            "attempts by deployment", deployment, registry=r)
+        self.deployment_failures = Counter("litellm_deployment_failure_responses", "Failed upstream attempts by "
+                                           "deployment and status", deployment + ["exception_status"], registry=r)
+        self.deployment_cooled_down = Counter("litellm_deployment_cooled_down", "Times a deployment was put in "
+                                              "cooldown", deployment + ["exception_status"], registry=r)
+        self.deployment_state = Gauge("litellm_deployment_state", "0 healthy, 1 partial outage (latest attempt "
+                                      "failed), 2 complete outage (cooled down)", deployment, registry=r,
+                                      multiprocess_mode="mostrecent")
+        self.retries = Counter("litellm_request_retries", "Attempts after the first within a model group",
+                               ["model"], registry=r)
+        fallback = ["requested_model", "fallback_model"]
+        self.fallbacks_ok = Counter("litellm_deployment_successful_fallbacks", "Calls a fallback group answered",
+                                    fallback, registry=r)
+        self.fallbacks_failed = Counter("litellm_deployment_failed_fallbacks", "Fallback groups that failed too",
+                                        fallback, registry=r)
+        self.rate_limit_rejections = Counter("litellm_rate_limit_rejections", "Requests refused (429) by a key's, "
+                                             "team's or user's rpm / tpm / parallel limit", ["scope", "limit_type"],
+                                             registry=r)
         # Labelled children, looked up once each. Bounded: routes come from routes.yaml and models
         # are only ever resolved model groups (never a client's unknown model name).
         self._children: dict[tuple, object] = {}
@@ -68,12 +93,25 @@ class Metrics:
         self.child(self.latency, route, model).observe(elapsed)
         if provider is not None:
             self.child(self.upstream_latency, model, provider).observe(upstream_s)
+            self.child(self.overhead_latency, model).observe(max(elapsed - upstream_s, 0.0))
         if usage:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and prompt > 0:
                 self.child(self.input_tokens, model).inc(prompt)
             if isinstance(completion, int) and completion > 0:
                 self.child(self.output_tokens, model).inc(completion)
+
+    def attempt_ended(self, group: str, model_id: str, provider: str, status: int | None, cooled: bool) -> None:
+        """One upstream attempt: ``status`` None when it succeeded, else the error's status."""
+        labels = (group, model_id, provider)
+        if status is None:
+            self.child(self.deployment_successes, *labels).inc()
+            self.child(self.deployment_state, *labels).set(0)
+            return
+        self.child(self.deployment_failures, *labels, str(status)).inc()
+        if cooled:
+            self.child(self.deployment_cooled_down, *labels, str(status)).inc()
+        self.child(self.deployment_state, *labels).set(2 if cooled else 1)
 
     def render(self) -> bytes:
         if os.environ.get(MULTIPROC_ENV):

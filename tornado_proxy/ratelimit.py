@@ -321,8 +321,9 @@ class RateLimiter:
     ``table`` is the instance's shared table (or a process-local one); ``redis`` an optional
     ``redis.asyncio`` client whose counts are shared by every instance using it."""
 
-    def __init__(self, table: LimitTable, worker: int = 0, redis=None):
+    def __init__(self, table: LimitTable, worker: int = 0, redis=None, rejections=None):
         self.table, self.worker = table, worker
+        self.rejections = rejections  # a Counter labelled (scope kind, limit type), or None
         self.redis = RedisCounters(redis) if redis is not None else None
         self.pending: set[asyncio.Task] = set()
 
@@ -333,14 +334,16 @@ class RateLimiter:
         scopes = tuple(s for s in scopes if s.limited)
         if not scopes:
             return Admission(scopes, (), None, {}, self.worker)
-        if self.redis is not None and self.redis.usable():
-            result = await self.redis.admit(scopes, now)
-            if result is not None:
-                token, usages = result
-                return Admission(scopes, (), token, rate_headers(usages), self.worker)
         try:
+            if self.redis is not None and self.redis.usable():
+                result = await self.redis.admit(scopes, now)
+                if result is not None:
+                    token, usages = result
+                    return Admission(scopes, (), token, rate_headers(usages), self.worker)
             entries, usages = self.table.admit(scopes, now, self.worker)
         except Refusal as refusal:
+            if self.rejections is not None:
+                self.rejections.labels(refusal.usage.scope.kind, refusal.limit_type).inc()
             raise refusal_error(refusal, now) from None
         return Admission(scopes, entries, None, rate_headers(usages), self.worker)
 
@@ -449,7 +452,7 @@ class RedisCounters:
             scope = scopes[int(reply[1]) - 1]
             limit_type = reply[2].decode() if isinstance(reply[2], bytes) else reply[2]
             usage = Usage(scope, int(reply[3]), int(reply[4]), int(reply[5]))
-            raise refusal_error(Refusal(limit_type, usage), now)
+            raise Refusal(limit_type, usage)  # RateLimiter.admit counts it and answers the 429
         usages = [Usage(s, int(reply[1 + 3 * i]), int(reply[2 + 3 * i]), int(reply[3 + 3 * i]))
                   for i, s in enumerate(scopes)]
         return args[2], usages

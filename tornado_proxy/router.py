@@ -332,14 +332,17 @@ class Router:
         return configured if configured is not None else table_price(self.price_table, d)
 
     # --- outcomes ---------------------------------------------------------------------------
-    def failed(self, d: Deployment, group_size: int, error: ProxyError) -> None:
+    def failed(self, d: Deployment, group_size: int, error: ProxyError) -> bool:
         """Count a failed attempt; cool the deployment down after more than ``allowed_fails``
-        failures this minute, or at once on a 429, unless it is its group's only one."""
+        failures this minute, or at once on a 429, unless it is its group's only one. True when
+        it was cooled down."""
         if not is_retryable(error) or group_size < 2:
-            return
+            return False
         fails = self.counters.add_failure(d.id)
         if error.status == 429 or fails > self.settings.allowed_fails:
             self.counters.cool_down(d.id, self.settings.cooldown_time)
+            return True
+        return False
 
     def retries_for(self, group: str, error: ProxyError, default: int) -> int:
         """How many retries an error of this kind gets in ``group``: the group's retry policy,
