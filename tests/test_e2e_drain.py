@@ -108,6 +108,23 @@ async def test_idle_keep_alive_closes_at_once_and_a_busy_connection_after_its_re
         writer.close()
 
 
+async def test_a_new_connection_whose_first_request_is_on_its_way_is_served(gateway):
+    """Accepted just before the drain, its head not read yet: the client is sending it. Closing
+    it as idle would fail a request that already went out (only kept-alive connections waiting
+    for a next request are closed at once)."""
+    gw = await gateway("model_list:\n  - model_name: demo\n    litellm_params: {model: mock/demo}\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    await asyncio.sleep(0.2)  # the worker (this event loop) accepts the connection
+    gw.stop_event.set()
+    await asyncio.sleep(0.2)  # draining has begun
+    writer.write(b"GET /health/liveliness HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers.get("connection") == "close"
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await asyncio.wait_for(gw.task, 20)
+
+
 # --- subprocesses -------------------------------------------------------------------------------------
 
 class Instance:

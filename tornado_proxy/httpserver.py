@@ -8,7 +8,7 @@ JSON error with the right status (400, 413, 431) and ``Connection: close``; noth
 sent is echoed or logged.
 
 It also drains (``GatewayHTTPServer.stop``): on SIGTERM it stops listening without dropping the
-connections the kernel had already accepted, closes idle keep-alive connections at once, and
+connections the kernel had already accepted, closes idle keep-alive connections at once (a new one gets a moment to send its first request), and
 closes every other connection after its response (``Connection: close``).
 
 This leans on ``HTTP1Connection``'s private steps (``_parse_headers``, ``_read_body``,
@@ -51,14 +51,18 @@ class GatewayConnection(HTTP1Connection):
     head_sent = False
     head_seen = False  # a whole request head has arrived: the connection is not idle
     draining = False   # the server is shutting down: answer this request, then close
+    first = True       # the connection's first request (not a kept-alive connection's next one)
     framing_error: ProxyError | None = None  # what the handler logs when its body read failed
 
     def drain(self) -> None:
-        """Shutdown: an idle connection (waiting for a request head) is closed now; a busy one
-        after its response."""
+        """Shutdown: a kept-alive connection waiting for its next request head is closed now; a
+        busy one after its response; a new one (accepted, its first head not read yet: the
+        client is sending it) gets ``FRESH_HEAD_GRACE`` to send it, and one answer."""
         self.draining = True
         if self.head_seen:
             self._disconnect_on_finish = True  # also sends Connection: close, if the head is not out yet
+        elif self.first:
+            IOLoop.current().call_later(FRESH_HEAD_GRACE, self.close_if_idle)
         else:
             self.stream.close()
 
@@ -160,6 +164,7 @@ class GatewayHTTPServer(HTTPServer):
         # HTTP1ServerConnection builds a plain HTTP1Connection per request and offers no hook
         # for the class; the subclass adds class-level defaults only, so the swap is safe.
         request_conn.__class__ = GatewayConnection
+        request_conn.first = server_conn not in self.current
         if self.draining:
             request_conn.draining = True
             if server_conn in self.current:  # the next request on a kept-alive connection: close it
