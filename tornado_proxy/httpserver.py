@@ -8,8 +8,9 @@ JSON error with the right status (400, 413, 431) and ``Connection: close``; noth
 sent is echoed or logged.
 
 It also drains (``GatewayHTTPServer.stop``): on SIGTERM it stops listening without dropping the
-connections the kernel had already accepted, closes idle keep-alive connections at once (a new one gets a moment to send its first request), and
-closes every other connection after its response (``Connection: close``).
+connections the kernel had already accepted, closes idle keep-alive connections at once (a new
+one gets a moment to send its first request), and closes every other connection after its
+response (``Connection: close``).
 
 This leans on ``HTTP1Connection``'s private steps (``_parse_headers``, ``_read_body``,
 ``_read_chunked_body``, ``_read_message``, ``_can_keep_alive``, ``_disconnect_on_finish``) and
