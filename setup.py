@@ -46,6 +46,7 @@ setup(
             "pytest-timeout>=2.3",
             "openai>=1.40",
             "anthropic>=0.40",
+            "kubernetes-validate>=1.30",  # tests/test_deploy_files.py: the manifests against the Kubernetes schemas, offline
         ],
     },
     entry_points={"console_scripts": ["proxyctl=tornado_proxy.cli:main"]},
