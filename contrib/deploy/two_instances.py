@@ -2,6 +2,7 @@
 
     DATABASE_URL=postgresql://... python contrib/deploy/two_instances.py start --workdir /tmp/tp
     python contrib/deploy/two_instances.py status --workdir /tmp/tp
+    python contrib/deploy/two_instances.py restart a --workdir /tmp/tp
     python contrib/deploy/two_instances.py stop --workdir /tmp/tp
 
 ``start`` runs ``proxyctl serve`` twice (instances "a" and "b", on ``--instance-ports``, default
@@ -10,6 +11,10 @@ key and, when ``REDIS_URL`` (or ``--redis-url``) is given, one Redis; then nginx
 (default 4000) with contrib/nginx/tornado-proxy.conf rendered for those ports. It waits until
 every piece answers and prints the URL. It starts only the pieces that are not running, so after
 an instance died, ``start`` again brings just that one back with the settings of the first start.
+``restart a`` restarts one instance without failing a request: nginx marks it ``down`` and
+reloads, its old workers finish, the instance drains (SIGTERM), starts again and is taken back.
+(SIGTERM alone is not enough behind nginx: nginx keeps reusing its kept-alive connections to the
+instance until they close, and a POST sent on one just as it closes gets a 502, never a retry.)
 ``stop`` stops nginx and both instances gracefully (SIGQUIT / SIGTERM), then kills what is left.
 
 Everything lives in ``--workdir``: ``deploy.json`` (settings and pids), ``env`` (the secrets, mode
@@ -214,14 +219,16 @@ UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+\S+:\d+(\s[^;]*)?;\s*$", re.M)
 LISTEN = re.compile(r"^(\s*)listen\s+4000;\s*$", re.M)
 
 
-def render_template(template: str, host: str, port: int, instance_ports: list[int]) -> str:
+def render_template(template: str, host: str, port: int, instance_ports: list[int],
+                    down: frozenset[int] = frozenset()) -> str:
     """contrib/nginx/tornado-proxy.conf with its ``listen`` and upstream ``server`` lines for
-    these ports; every other line (timeouts, retries, buffering, health checks) as shipped."""
+    these ports (those in ``down`` marked ``down``: no new requests); every other line
+    (timeouts, retries, buffering, health checks) as shipped."""
     servers = list(UPSTREAM_SERVER.finditer(template))
     if not servers or len(LISTEN.findall(template)) != 1:
         raise DeployError(f"{TEMPLATE}: expected one `listen 4000;` and upstream `server host:port ...;` lines")
     indent, params = servers[0].group(1), servers[0].group(2) or ""
-    lines = "".join(f"{indent}server 127.0.0.1:{p}{params};\n" for p in instance_ports)
+    lines = "".join(f"{indent}server 127.0.0.1:{p}{params}{' down' if p in down else ''};\n" for p in instance_ports)
     start, end = servers[0].start(), servers[-1].end()
     rendered = template[:start] + lines.rstrip("\n") + template[end:]
     return LISTEN.sub(lambda m: f"{m.group(1)}listen {host}:{port};", rendered)
@@ -258,12 +265,34 @@ def find_nginx() -> str:
     return found
 
 
-def start_nginx(workdir: Path, deployment: Deployment) -> int:
+def write_nginx_config(workdir: Path, deployment: Deployment, down: frozenset[int] = frozenset()) -> None:
     folder = workdir / "nginx"
     (folder / "temp").mkdir(parents=True, exist_ok=True)
     (folder / "tornado-proxy.conf").write_text(
-        render_template(TEMPLATE.read_text(), deployment.host, deployment.port, deployment.instance_ports))
+        render_template(TEMPLATE.read_text(), deployment.host, deployment.port, deployment.instance_ports, down))
     (folder / "nginx.conf").write_text(nginx_main_config(folder))
+
+
+def reload_nginx(workdir: Path, deployment: Deployment, down: frozenset[int] = frozenset()) -> None:
+    """New configuration, then wait until nginx's old workers have finished their requests and
+    exited (SIGHUP: new workers take new requests at once, old ones only finish theirs and close
+    their kept-alive connections). A stream can hold an old worker for long: after STOP_TIMEOUT
+    this goes on anyway (the instance then drains that stream itself)."""
+    master = deployment.pids["nginx"]
+    if not is_ours(master, str(workdir / "nginx")):
+        raise DeployError("nginx is not running: `start` first")
+    old = group_members(master) - {master}
+    write_nginx_config(workdir, deployment, down)
+    os.kill(master, signal.SIGHUP)
+    try:
+        wait_until(lambda: not old & group_members(master), STOP_TIMEOUT, "nginx's old workers to finish")
+    except DeployError as exc:
+        print(f"two_instances: {exc}; going on", file=sys.stderr)
+
+
+def start_nginx(workdir: Path, deployment: Deployment) -> int:
+    folder = workdir / "nginx"
+    write_nginx_config(workdir, deployment)
     argv = [find_nginx(), "-p", str(folder), "-c", str(folder / "nginx.conf"),
             "-g", f"daemon off; pid {folder / 'nginx.pid'};"]
     pid = spawn(argv, folder, folder / "nginx.out")
@@ -340,6 +369,36 @@ def start(workdir: Path, args: argparse.Namespace) -> Deployment:
     return deployment
 
 
+def stop_group(pid: int, sig: int) -> None:
+    """``sig`` to the group leader, then wait for the whole group; SIGKILL what is left after
+    STOP_TIMEOUT."""
+    if running(pid):
+        os.kill(pid, sig)
+    try:
+        wait_until(lambda: not group_members(pid), STOP_TIMEOUT, "a graceful stop")
+    except DeployError:
+        for member in group_members(pid):
+            os.kill(member, signal.SIGKILL)
+
+
+def restart(workdir: Path, name: str) -> Deployment:
+    """Restart one instance without failing a request: nginx stops sending it requests (``down``
+    and a reload, waiting for the old workers), the instance drains and stops (SIGTERM) and
+    starts again, and nginx takes it back."""
+    deployment = load_state(workdir)
+    if deployment is None:
+        raise DeployError(f"nothing started in {workdir}")
+    env = read_env_file(workdir / "env")
+    reload_nginx(workdir, deployment, down=frozenset({deployment.instance_port(name)}))
+    if is_ours(deployment.pids.get(name), instance_marker(deployment, name)):
+        stop_group(deployment.pids[name], signal.SIGTERM)
+    deployment.pids[name] = start_instance(workdir, deployment, name, env)
+    save_state(workdir, deployment)
+    wait_instance(workdir, deployment, name)
+    reload_nginx(workdir, deployment)
+    return deployment
+
+
 def stop(workdir: Path) -> None:
     """nginx finishes its requests (SIGQUIT) while each instance drains (SIGTERM to its
     supervisor, which stops its workers); whatever is left after STOP_TIMEOUT is killed."""
@@ -386,7 +445,8 @@ def port_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("start", "stop", "status"))
+    p.add_argument("command", choices=("start", "stop", "status", "restart"))
+    p.add_argument("instance", nargs="?", choices=INSTANCES, help="restart: the instance to restart")
     p.add_argument("--workdir", required=True, type=Path, help="where everything is kept")
     p.add_argument("--config", help="the instances' config file [first start: the repository's routes.yaml]")
     p.add_argument("--host", help="nginx's address [127.0.0.1]")
@@ -410,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "stop":
             stop(workdir)
+            return 0
+        if args.command == "restart":
+            if args.instance is None:
+                raise DeployError("restart which instance? a or b")
+            restart(workdir, args.instance)
             return 0
         return 0 if status(workdir) else 3
     except DeployError as exc:
