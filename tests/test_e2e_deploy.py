@@ -10,8 +10,10 @@ with SIGKILL and started again:
 * a request may fail only if it was in flight on A when A was killed. nginx never replays a POST
   that reached an instance (A may already have called the provider), so such a request gets
   nginx's 502 or, for a stream that had started, a cut stream. The test identifies each failure
-  through nginx's access log (joined on the X-Request-Id the client sent) and asserts it started
-  before A was dead and was sent to A alone;
+  through nginx's access log (joined on the X-Request-Id the client sent) and asserts it was sent
+  to A alone and started before A was dead. "The kill moment" is a span: from SIGKILL until no
+  process of A is left takes milliseconds, and a request nginx sent to A within it (on a kept-alive
+  connection whose close nginx had not processed yet, too) meets the same fate;
 * after the restart, nginx sends traffic to A again;
 * a model added through A's own port is served through B's own port within 2 s (PostgreSQL
   LISTEN/NOTIFY);
@@ -79,9 +81,9 @@ class Call:
     reconnected: bool = False
 
 
-# A kept-alive connection that the server closed while it was idle (nginx's old workers do so on a
-# reload, as on every `nginx -s reload`): the request was sent into a closed connection and got no
-# answer. HTTP clients send it again on a new connection (the openai SDK retries connection errors);
+# A kept-alive connection that nginx closed while it was idle (its old workers do so on a reload, as
+# on every `nginx -s reload`, and it may close a client connection after an upstream error): the
+# request was sent into a closed connection and got no answer. HTTP clients send it again on a new connection (the openai SDK retries connection errors);
 # nginx's access log, which has one line per request it read, shows it was never read twice.
 STALE_CONNECTION = (BrokenPipeError, ConnectionResetError)  # http.client.RemoteDisconnected is one
 
@@ -198,7 +200,7 @@ def query(dsn: str, sql: str, *params) -> list[tuple]:
 
 
 @pytest.fixture
-def deployment(tmp_path, pg_dsn, redis_url, nginx_installed):
+def deployment(nginx_installed, tmp_path, pg_dsn, redis_url):
     """The script's ``start`` on free ports (one worker per instance); ``stop`` at teardown."""
     fake = FakeProvider("--latency", "0.02", "--chunk-delay", "0.02")
     config = tmp_path / "config.yaml"
