@@ -286,7 +286,8 @@ def test_kubernetes_manifests_agree(tmp_path):
     workdir = dockerfile_final_stage()["WORKDIR"][-1]
     for path in (f"{workdir}/var", "/tmp"):
         assert "emptyDir" in volumes[mounts[path]], path
-    assert dockerfile_final_stage()["USER"][-1] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    user = pod["securityContext"]
+    assert dockerfile_final_stage()["USER"][-1] == f"{user['runAsUser']}:{user['runAsGroup']}"
     assert {"cpu", "memory"} <= c["resources"]["requests"].keys() and "memory" in c["resources"]["limits"]
 
 
@@ -319,7 +320,10 @@ def dockerignored(path: str) -> bool:
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
     parts = path.split("/")
-    return any(fnmatch.fnmatch("/".join(parts[:i]), p.removeprefix("**/")) or fnmatch.fnmatch(parts[i - 1], p.removeprefix("**/"))
+    # a pattern excludes a path when it matches the path, a parent folder, or (conservatively:
+    # Docker anchors patterns without **/ at the top) any one component
+    return any(fnmatch.fnmatch("/".join(parts[:i]), p.removeprefix("**/"))
+               or fnmatch.fnmatch(parts[i - 1], p.removeprefix("**/"))
                for p in patterns for i in range(1, len(parts) + 1))
 
 

@@ -83,8 +83,9 @@ class Call:
 
 # A kept-alive connection that nginx closed while it was idle (its old workers do so on a reload, as
 # on every `nginx -s reload`, and it may close a client connection after an upstream error): the
-# request was sent into a closed connection and got no answer. HTTP clients send it again on a new connection (the openai SDK retries connection errors);
-# nginx's access log, which has one line per request it read, shows it was never read twice.
+# request was sent into a closed connection and got no answer. HTTP clients send it again on a new
+# connection (the openai SDK retries connection errors); nginx's access log, which has one line per
+# request it read, shows it was never read twice.
 STALE_CONNECTION = (BrokenPipeError, ConnectionResetError)  # http.client.RemoteDisconnected is one
 
 
@@ -172,8 +173,18 @@ def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
 
 def access_log(workdir: pathlib.Path) -> list[dict]:
+    """nginx's JSON lines (the deploy script's log format); a line being written is left out."""
     path = workdir / "nginx" / "access.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
+
+
+def logged_requests(workdir: pathlib.Path, calls: list[Call]) -> list[dict]:
+    """nginx's log lines of the traffic's requests, once every call has one: nginx logs a request
+    when it finalizes it, which can be just after the client read the last byte."""
+    def complete() -> list[dict] | None:
+        entries = [e for e in access_log(workdir) if e["x_request_id"]]
+        return entries if {e["x_request_id"] for e in entries} >= {c.request_id for c in calls} else None
+    return wait_for(complete, what="nginx's log line of every request")
 
 
 def config_yaml(fake: FakeProvider) -> str:
@@ -298,8 +309,9 @@ def test_traffic_through_nginx_survives_an_instance_killed_and_restarted(deploym
     finally:
         calls = traffic.stop()
 
-    log = {e["x_request_id"]: e for e in access_log(workdir) if e["x_request_id"]}
-    assert len(log) == sum(1 for e in access_log(workdir) if e["x_request_id"])  # no request was read twice
+    entries = logged_requests(workdir, calls)
+    log = {e["x_request_id"]: e for e in entries}
+    assert len(log) == len(entries)  # no request was read twice
     failed = [c for c in calls if not c.ok]
     for call in failed:
         entry = log.get(call.request_id)
@@ -350,7 +362,7 @@ def test_rolling_restart_through_nginx_fails_no_request(deployment):
     finally:
         calls = traffic.stop()
     assert [(c.request_id, c.status, c.error) for c in calls if not c.ok] == []
-    ids = [e["x_request_id"] for e in access_log(workdir) if e["x_request_id"]]
+    ids = [e["x_request_id"] for e in logged_requests(workdir, calls)]
     assert sorted(ids) == sorted(c.request_id for c in calls)  # each read by nginx exactly once
     new_state = deploy.load_state(workdir)
     assert new_state.pids["b"] != state.pids["b"] and new_state.pids["a"] == state.pids["a"]

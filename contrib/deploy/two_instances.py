@@ -27,6 +27,7 @@ Only the Python standard library is used, so any Python 3.10+ runs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -307,6 +308,11 @@ def start_nginx(workdir: Path, deployment: Deployment) -> int:
 
 # --- the instances --------------------------------------------------------------------------------
 
+def markers(workdir: Path, deployment: Deployment) -> list[tuple[str, str]]:
+    """(piece, what its command line holds) for nginx and each instance."""
+    return [("nginx", str(workdir / "nginx"))] + [(n, instance_marker(deployment, n)) for n in INSTANCES]
+
+
 def instance_marker(deployment: Deployment, name: str) -> str:
     """What only this instance's command line holds (nginx rewrites its own: see ``start_nginx``)."""
     return f"--port {deployment.instance_port(name)} --num-workers"
@@ -363,7 +369,7 @@ def start(workdir: Path, args: argparse.Namespace) -> Deployment:
     save_state(workdir, deployment)
     for name in started:
         wait_instance(workdir, deployment, name)
-    if not is_ours(deployment.pids.get("nginx"), str(workdir / "nginx")):
+    if not is_ours(deployment.pids.get("nginx"), dict(markers(workdir, deployment))["nginx"]):
         deployment.pids["nginx"] = start_nginx(workdir, deployment)
         save_state(workdir, deployment)
     return deployment
@@ -377,7 +383,12 @@ def stop_group(pid: int, sig: int) -> None:
     try:
         wait_until(lambda: not group_members(pid), STOP_TIMEOUT, "a graceful stop")
     except DeployError:
-        for member in group_members(pid):
+        kill_group(pid)
+
+
+def kill_group(pgid: int) -> None:
+    for member in group_members(pgid):
+        with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
 
 
@@ -401,21 +412,22 @@ def restart(workdir: Path, name: str) -> Deployment:
 
 def stop(workdir: Path) -> None:
     """nginx finishes its requests (SIGQUIT) while each instance drains (SIGTERM to its
-    supervisor, which stops its workers); whatever is left after STOP_TIMEOUT is killed."""
+    supervisor, which stops its workers); whatever is left after STOP_TIMEOUT is killed. Only
+    processes that are still the ones started here are signalled."""
     deployment = load_state(workdir)
     if deployment is None:
         return
     signals = {"nginx": signal.SIGQUIT, **{name: signal.SIGTERM for name in INSTANCES}}
-    groups = [pid for name, pid in deployment.pids.items() if running(pid)]
+    groups = [deployment.pids[name] for name, marker in markers(workdir, deployment)
+              if is_ours(deployment.pids.get(name), marker)]
     for name, pid in deployment.pids.items():
-        if running(pid):
+        if pid in groups:
             os.kill(pid, signals[name])
     try:
         wait_until(lambda: not any(group_members(pid) for pid in groups), STOP_TIMEOUT, "a graceful stop")
     except DeployError:
         for pid in groups:
-            for member in group_members(pid):
-                os.kill(member, signal.SIGKILL)
+            kill_group(pid)
     deployment.pids = {}
     save_state(workdir, deployment)
 
@@ -425,11 +437,10 @@ def status(workdir: Path) -> bool:
     if deployment is None:
         print(f"nothing started in {workdir}")
         return False
-    pieces = [("nginx", deployment.url, str(workdir / "nginx"))]
-    pieces += [(name, f"http://127.0.0.1:{deployment.instance_port(name)}", instance_marker(deployment, name))
-               for name in INSTANCES]
+    urls = {"nginx": deployment.url, **{n: f"http://127.0.0.1:{deployment.instance_port(n)}" for n in INSTANCES}}
     up = True
-    for name, url, marker in pieces:
+    for name, marker in markers(workdir, deployment):
+        url = urls[name]
         alive = is_ours(deployment.pids.get(name), marker)
         up &= alive
         print(f"{name:6} {url:28} {'running, pid %d' % deployment.pids[name] if alive else 'stopped'}")
