@@ -50,6 +50,7 @@ setup(
             "anthropic>=0.40",
             "trustme>=1.1",
             *OTEL,
+            "kubernetes-validate>=1.30",  # tests/test_deploy_files.py: the manifests against the Kubernetes schemas, offline
         ],
         # OpenTelemetry tracing (tracing.py), imported only when tracing is configured
         "otel": OTEL,
