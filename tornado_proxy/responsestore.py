@@ -117,6 +117,7 @@ class ResponseStore:
         # id -> (record, shared): shared records are served while their file exists, the others
         # (too large for the directory) while no DELETE marked them
         self.memory: OrderedDict[str, tuple[StoredResponse, bool]] = OrderedDict()
+        self.gone: OrderedDict[str, None] = OrderedDict()  # ids this worker deleted lately
         self.writes: set[asyncio.Task] = set()
         self.write_failures = 0  # a counter for tests and logs
 
@@ -186,8 +187,8 @@ class ResponseStore:
         record = self.cached(response_id) or self.shared(response_id)
         if record is not None or self.db is None:
             return record
-        if self.directory is not None and self.directory.deleted(response_id):
-            return None
+        if response_id in self.gone or (self.directory is not None and self.directory.deleted(response_id)):
+            return None  # deleted here: no database lookup, and no wait for a row on its way
         record = await fetch(self.db, response_id)  # DatabaseUnavailable: the caller answers 503
         if record is None and recently_made(response_id, time.time()):
             record = await self.fetch_again(response_id)
@@ -220,6 +221,9 @@ class ResponseStore:
     def forget(self, response_id: str) -> bool:
         """Remove the instance's copies (the database row stays); True when there was one."""
         found = self.memory.pop(response_id, None) is not None
+        self.gone[response_id] = None
+        while len(self.gone) > self.max_in_memory:
+            self.gone.popitem(last=False)
         if self.directory is not None:
             found = self.directory.remove(response_id) or found
         return found
