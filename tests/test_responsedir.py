@@ -163,7 +163,9 @@ def record(rid: str, text: str = "hi") -> StoredResponse:
 def test_encode_decode_and_bad_files():
     r = record("resp_e")
     assert decode(encode(r), "resp_e") == r
-    for data in (b"{", b"[]", b'{"id": "resp_other", "owner": ""}', b'{"id": "resp_e", "owner": 1}'):
+    for data in (b"{", b"[]", b'{"id": "resp_other", "owner": ""}', b'{"id": "resp_e", "owner": 1}',
+                 b'{"id": "resp_e", "owner": "", "created_at": "soon"}',
+                 b'{"id": "resp_e", "owner": "", "input_items": 3}'):
         assert decode(data, "resp_e") is None
 
 

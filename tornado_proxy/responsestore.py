@@ -92,14 +92,18 @@ def decode(data: bytes, response_id: str) -> StoredResponse | None:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         obj = None
-    if not isinstance(obj, dict) or obj.get("id") != response_id or not isinstance(obj.get("owner"), str) \
-            or not isinstance(obj.get("input_items", []), list) \
-            or not isinstance(obj.get("response"), (dict, type(None))):
-        log.warning("response %s: its file in the responses directory is unreadable; ignored", response_id)
-        return None
-    return StoredResponse(id=response_id, owner=obj["owner"], model=str(obj.get("model") or ""),
-                          deployment_id=obj.get("deployment_id"), response=obj.get("response"),
-                          input_items=obj.get("input_items") or [], created_at=float(obj.get("created_at") or 0))
+    try:
+        if isinstance(obj, dict) and obj.get("id") == response_id and isinstance(obj.get("owner"), str) \
+                and isinstance(obj.get("input_items") or [], list) \
+                and isinstance(obj.get("response"), (dict, type(None))):
+            return StoredResponse(id=response_id, owner=obj["owner"], model=str(obj.get("model") or ""),
+                                  deployment_id=obj.get("deployment_id"), response=obj.get("response"),
+                                  input_items=obj.get("input_items") or [],
+                                  created_at=float(obj.get("created_at") or 0))
+    except (TypeError, ValueError):
+        pass
+    log.warning("response %s: its file in the responses directory is unreadable; ignored", response_id)
+    return None
 
 
 def recently_made(response_id: str, now: float) -> bool:
