@@ -181,3 +181,23 @@ async def test_follow_up_on_another_instance_right_away(gateway, fetch, fake_ope
     assert rows(pg_dsn, made_id) == 0
     r = await fetch(one, "/v1/responses/resp_00000000" + "0" * 40)  # an old id: a 404 at once
     assert r.code == 404
+
+
+async def test_a_delete_on_one_instance_reaches_the_copies_of_another(gateway, fetch, fake_openai_b, pg_dsn):
+    """Instance two read (and so holds) the response; a DELETE on instance one reaches it through
+    PostgreSQL's NOTIFY, so it stops serving its copy."""
+    one = await gateway(db_yaml(fake_openai_b, pg_dsn))
+    two = await gateway(db_yaml(fake_openai_b, pg_dsn))
+    r = await fetch(one, "/v1/responses", {"model": "compat", "input": "Shared, then deleted."})
+    made = orjson.loads(r.body)
+    r = await fetch(two, f"/v1/responses/{made['id']}")
+    assert r.code == 200 and orjson.loads(r.body) == made
+    assert (await fetch(one, f"/v1/responses/{made['id']}", method="DELETE")).code == 200
+
+    async def gone_on_two() -> None:
+        while (await fetch(two, f"/v1/responses/{made['id']}")).code != 404:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(gone_on_two(), 10)
+    r = await fetch(two, "/v1/responses", {"model": "compat", "input": "x", "previous_response_id": made["id"]})
+    assert r.code == 404

@@ -77,7 +77,8 @@ class Gateway:
         self.spend_store = SpendStore(db) if db is not None else None
         # Responses API responses (previous_response_id, GET / DELETE): under ``serve`` shared by
         # the instance's workers through a directory; alone, in this worker's memory
-        self.responses = ResponseStore(db, ResponseDirectory(responses_dir) if responses_dir is not None else None)
+        self.responses = ResponseStore(db, ResponseDirectory(responses_dir) if responses_dir is not None else None,
+                                       watches=worker == 0)
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
                                  self.settings.spend_queue_size, self.metrics.spend_log_dropped)
         self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)

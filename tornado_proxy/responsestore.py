@@ -15,7 +15,8 @@ Three levels, each read only when the one before does not hold the id:
    answer a lookup, ``DatabaseUnavailable`` is raised (the handlers answer 503: "not found" would
    be a guess). An id none of them holds whose embedded time (``responses_format.new_response_id``)
    is a few seconds old is looked up again for up to ``RECENT_WAIT`` seconds: its row may still be
-   on its way from the instance that made it.
+   on its way from the instance that made it. A ``DELETE`` notifies every instance
+   (``CHANNEL``); one worker of each listens and drops the instance's copies.
 
 Two kinds of rows: a translated model's response (``response`` + the conversation's
 ``input_items``, from which a follow-up turn is built), and a pass-through record (an
@@ -48,6 +49,8 @@ WRITE_WAIT = 5.0       # seconds stop() waits for writes still running
 RECENT = 10.0          # seconds: an id made this recently may not have reached the database yet
 CLOCK_SKEW = 5.0       # seconds an id made by another instance may seem to come from the future
 RECENT_WAIT = 2.0      # seconds such an id is looked up again before it is a 404
+CHANNEL = "proxy_responses_deleted"  # NOTIFY payload: the id a DELETE removed from the database
+LISTEN_POLL = 1.0      # seconds between checks that the listening connection is alive
 COLUMNS = "id, api_key, model, deployment_id, response, input_items, created_at"
 
 
@@ -114,9 +117,14 @@ def recently_made(response_id: str, now: float) -> bool:
 
 class ResponseStore:
     def __init__(self, db: Database | None, directory: ResponseDirectory | None = None,
-                 max_in_memory: int = MAX_IN_MEMORY):
+                 max_in_memory: int = MAX_IN_MEMORY, watches: bool = False):
         self.db = db
         self.directory = directory
+        # with a database: this worker hears the DELETEs of other instances and drops the instance's
+        # copies (one worker per instance: the others see the file gone)
+        self.watches = watches and db is not None
+        self.watcher: asyncio.Task | None = None
+        self.listening = False
         self.max_in_memory = max_in_memory
         # id -> (record, shared): shared records are served while their file exists, the others
         # (too large for the directory) while no DELETE marked them
@@ -126,7 +134,10 @@ class ResponseStore:
         self.write_failures = 0  # a counter for tests and logs
 
     def open(self) -> None:
-        """Map the instance's directory (under ``proxyctl serve``); without it, memory only."""
+        """Map the instance's directory (under ``proxyctl serve``; without it, memory only), and
+        start listening for other instances' DELETEs."""
+        if self.watches:
+            self.watcher = asyncio.ensure_future(self.watch())
         if self.directory is None:
             return
         try:
@@ -232,7 +243,34 @@ class ResponseStore:
             found = self.directory.remove(response_id) or found
         return found
 
+    async def watch(self) -> None:
+        from .db import keep_listening  # here, not at import: without a database no process loads the driver
+
+        await keep_listening(self.db, CHANNEL, self.caught_up, self.listen, self.lost, "responses")
+
+    async def caught_up(self) -> None:
+        """(Re)connected. A DELETE made elsewhere while nobody listened here is not heard: the
+        copies it concerns stay until pruned."""
+        if not self.listening:
+            log.info("responses: listening for deletions made by other instances")
+        self.listening = True
+
+    async def listen(self, conn) -> None:
+        while True:
+            for response_id in await conn.next(LISTEN_POLL):
+                if response_id in self.memory or (self.directory is not None and self.directory.exists(response_id)):
+                    self.forget(response_id)
+
+    def lost(self, exc: Exception) -> None:
+        if self.listening:
+            log.warning("responses: not hearing other instances' deletions for now (%s)", exc)
+        self.listening = False
+
     async def stop(self) -> None:
+        if self.watcher is not None:
+            while not self.watcher.done():  # see Catalog.stop: one cancel can be lost
+                self.watcher.cancel()
+                await asyncio.wait({self.watcher}, timeout=0.5)
         if self.writes:
             await asyncio.wait(set(self.writes), timeout=WRITE_WAIT)
         if self.directory is not None:
@@ -261,6 +299,8 @@ async def fetch(db: Database, response_id: str) -> StoredResponse | None:
 
 
 async def remove(db: Database, response_id: str) -> bool:
+    """Delete the row and tell every instance (``CHANNEL``) to drop its copies."""
     async with db.cursor() as cur:
-        await cur.execute("DELETE FROM proxy_responses WHERE id = %s", (response_id,))
-        return cur.rowcount > 0
+        await cur.execute("WITH gone AS (DELETE FROM proxy_responses WHERE id = %s RETURNING id) "
+                          "SELECT pg_notify(%s, id) FROM gone", (response_id, CHANNEL))
+        return bool(await cur.fetchall())
