@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+from pathlib import Path
 
 import tornado.web
 
@@ -19,6 +20,7 @@ from .handlers import CallContext
 from .health import HealthMonitor, MemoryReports
 from .metrics import Metrics
 from .ratelimit import LimitTable, RateLimiter, redis_client
+from .responsedir import ResponseDirectory
 from .responsestore import ResponseStore
 from .retention import RetentionSettings, SpendLogRetention
 from .registry import Registry, build_registry
@@ -47,7 +49,8 @@ HANDLERS = {**llm.HANDLERS, **messages.HANDLERS, **media.HANDLERS, **responsesap
 
 class Gateway:
     def __init__(self, config: Config, metrics: Metrics | None = None, generation: int = 1,
-                 health: HealthMonitor | None = None, limits: LimitTable | None = None, worker: int = 0):
+                 health: HealthMonitor | None = None, limits: LimitTable | None = None, worker: int = 0,
+                 responses_dir: Path | None = None):
         self.config = config
         self.settings = config.settings
         self.schemas = Schemas(resource_dir("schemas"))
@@ -72,8 +75,10 @@ class Gateway:
                                    rejections=self.metrics.rate_limit_rejections)
         db = self.catalog.store.db if self.catalog.store is not None else None
         self.spend_store = SpendStore(db) if db is not None else None
-        # Responses API responses of translated models (previous_response_id, GET / DELETE)
-        self.responses = ResponseStore(db)
+        # Responses API responses (previous_response_id, GET / DELETE): under ``serve`` shared by
+        # the instance's workers through a directory; alone, in this worker's memory
+        self.responses = ResponseStore(db, ResponseDirectory(responses_dir) if responses_dir is not None else None,
+                                       watches=worker == 0)
         self.spend = SpendWriter(self.spend_store, self.tenants, self.settings.spend_spill_dir,
                                  self.settings.spend_queue_size, self.metrics.spend_log_dropped)
         self.budget_reset = BudgetReset(self.spend_store, self.settings.proxy_budget_rescheduler_min_time)
@@ -117,6 +122,7 @@ class Gateway:
                                  ssl_verify=self.settings.ssl_verify, ssl_cert_file=self.settings.ssl_cert_file)
         await self.catalog.start(require_db)
         await self.tenants.start()
+        self.responses.open()
         self.spend.start()
         self.budget_reset.start()
         self.retention.start()

@@ -63,11 +63,20 @@ class ResponsesHandler(LLMHandler):
     endpoint = "responses"
     items: list[dict] | None = None         # the conversation sent (earlier turns, then this input)
     previous: StoredResponse | None = None  # what previous_response_id names, when the gateway holds it
+    storing: dict | None = None             # the request whose response is to be kept, until it is
 
     async def call_with_fallbacks(self, body: dict) -> None:
         await self.load_previous(body)
+        self.storing = body
         await super().call_with_fallbacks(body)
-        self.keep_response(body)
+
+    def write(self, chunk) -> None:
+        """Every byte of the answer goes through here: the response is kept before the first
+        bytes that name it (the body, the final event) leave, so a follow-up turn sent the moment
+        the client has the answer finds it, on any worker."""
+        if self.storing is not None and getattr(self.output, "final", None) is not None:
+            self.keep_response(self.storing)
+        super().write(chunk)
 
     async def load_previous(self, body: dict) -> None:
         """The conversation a translated call sends: the stored turns ``previous_response_id``
@@ -123,8 +132,9 @@ class ResponsesHandler(LLMHandler):
 
     def keep_response(self, body: dict) -> None:
         """Store the answer (``store`` defaults to true, as OpenAI's): a translated response
-        whole, a pass-through one as the deployment that holds it. Memory now, the database in
-        the background: the answer has already gone out."""
+        whole, a pass-through one as the deployment that holds it (from its first event on).
+        Memory and the instance's directory now, the database in the background."""
+        self.storing = None
         final = getattr(self.output, "final", None)
         d = self.ctx.deployment
         if body.get("store") is False or not isinstance(final, dict) or not isinstance(final.get("id"), str) \
@@ -160,7 +170,9 @@ class ResponseHandler(BaseHandler):
                 try:
                     await self.gw.responses.delete(response_id)
                 except DatabaseUnavailable as exc:  # deleted where it lives; only the record stays
-                    log.warning("response %s: deleted by its provider, its record stays (%s)", response_id, exc)
+                    self.gw.responses.forget(response_id)
+                    log.warning("response %s: deleted by its provider, its database record stays (%s)",
+                                response_id, exc)
             return
         await self.forget(response_id)
         self.write_json({"id": response_id, "object": "response", "deleted": True})

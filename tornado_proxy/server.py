@@ -36,6 +36,7 @@ from .embedded import EmbeddedPostgres
 from .health import HealthMonitor, MemoryReports, ReportFile, reports_path
 from .httpserver import HEADER_READ_CAP, GatewayHTTPServer
 from .ratelimit import LimitTable
+from .responsedir import responses_path
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ async def run_worker(config: Config, sockets: list[socket.socket], stop: asyncio
     serve HTTPS with it."""
     stop = stop or asyncio.Event()
     gw = Gateway(config, generation=generation, health=health_monitor(state_path, index),
-                 limits=limits_table, worker=index)
+                 limits=limits_table, worker=index,
+                 responses_dir=responses_path(state_path) if state_path is not None else None)
     if handle_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

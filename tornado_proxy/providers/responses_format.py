@@ -13,6 +13,8 @@ provider for one is a 400 naming it.
 from __future__ import annotations
 
 import copy
+import re
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,10 +32,25 @@ ECHOED = {"instructions": None, "max_output_tokens": None, "max_tool_calls": Non
           "service_tier": "auto", "top_logprobs": 0}
 # finish_reason -> the reason of an ``incomplete`` response
 INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+HEX_TIME = re.compile(r"[0-9a-f]{8}")
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def new_response_id(now: float | None = None) -> str:
+    """``resp_`` and 48 hex digits, the shape of OpenAI's ids, whose first 8 are the creation
+    time (Unix seconds), as OpenAI's are: a store that does not hold an id yet can tell a
+    response made a moment ago (its database row may still be on its way) from an unknown one."""
+    return f"resp_{int(time.time() if now is None else now) & 0xFFFFFFFF:08x}{secrets.token_hex(20)}"
+
+
+def response_id_time(response_id: str) -> float | None:
+    """The creation time a ``resp_`` id carries (None when it does not look like one)."""
+    if not response_id.startswith("resp_") or not HEX_TIME.fullmatch(response_id, 5, 13):
+        return None
+    return float(int(response_id[5:13], 16))
 
 
 def shown(value) -> str:
@@ -218,7 +235,7 @@ class ResponseDraft:
 
     model: str
     echo: dict                       # the request fields a response echoes
-    id: str = field(default_factory=lambda: new_id("resp"))
+    id: str = field(default_factory=new_response_id)
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
