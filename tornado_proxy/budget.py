@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import DatabaseUnavailable, ProxyError
+from .tasks import end_task
 
 if TYPE_CHECKING:
     from .auth import Principal
@@ -123,8 +124,5 @@ class BudgetReset:
         """Let a reset under way finish (no transaction is cut), then end the timer."""
         if self._task is not None:
             self._stopping.set()
-            await asyncio.wait({self._task}, timeout=5)
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.5)
+            await end_task(self._task, grace=5)
             self._task = None

@@ -17,6 +17,7 @@ from .errors import DatabaseUnavailable
 from .modelstore import ModelStore, cipher_for
 from .providers.base import Deployment
 from .registry import Registry, build_deployment
+from .tasks import end_task
 
 if TYPE_CHECKING:
     from .db import Database
@@ -104,12 +105,7 @@ class Catalog:
 
     async def stop(self) -> None:
         if self._watcher is not None:
-            # One cancel() can be lost: before Python 3.12, asyncio.wait_for (ours, and aiopg's)
-            # returns a result that is ready in the same loop turn instead of raising, and the
-            # watcher then listens on for ever. Repeat the cancel until the task has ended.
-            while not self._watcher.done():
-                self._watcher.cancel()
-                await asyncio.wait({self._watcher}, timeout=0.5)
+            await end_task(self._watcher)
             if not self._watcher.cancelled() and self._watcher.exception() is not None:
                 log.error("model watcher ended with %r", self._watcher.exception())
         if self.store is not None:

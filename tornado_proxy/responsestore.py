@@ -38,6 +38,7 @@ import orjson
 from .errors import DatabaseUnavailable
 from .providers.responses_format import response_id_time
 from .responsedir import ResponseDirectory
+from .tasks import end_task
 
 if TYPE_CHECKING:
     from .db import Database
@@ -268,9 +269,7 @@ class ResponseStore:
 
     async def stop(self) -> None:
         if self.watcher is not None:
-            while not self.watcher.done():  # see Catalog.stop: one cancel can be lost
-                self.watcher.cancel()
-                await asyncio.wait({self.watcher}, timeout=0.5)
+            await end_task(self.watcher)
         if self.writes:
             await asyncio.wait(set(self.writes), timeout=WRITE_WAIT)
         if self.directory is not None:

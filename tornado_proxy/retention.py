@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .config import ConfigError
 from .errors import DatabaseUnavailable
 from .keystore import parse_duration
+from .tasks import end_task
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -112,8 +113,5 @@ class SpendLogRetention:
         """Ends the timer; a round under way stops after its current batch."""
         if self._task is not None:
             self._stopping.set()
-            await asyncio.wait({self._task}, timeout=5)
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.5)
+            await end_task(self._task, grace=5)
             self._task = None

@@ -29,6 +29,7 @@ import orjson
 from .errors import DatabaseUnavailable
 from .providers.base import Deployment
 from .router import configured_price, table_price
+from .tasks import end_task
 
 if TYPE_CHECKING:
     from .spendstore import SpendStore
@@ -305,10 +306,7 @@ class SpendWriter:
         if self._task is not None:
             self._stopping = True  # a write under way finishes (no transaction is cut)
             self._wake.set()
-            await asyncio.wait({self._task}, timeout=timeout)
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.5)
+            await end_task(self._task, grace=timeout)
             self._task = None
         if self.store is None or not self.queue:
             return

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from .auth import Principal
 from .errors import DatabaseUnavailable
 from .keystore import CHANNEL, KEYS, SPEND_NOTE, TEAMS, USERS, KeyRecord, TeamRecord, TenantStore, UserRecord
+from .tasks import end_task
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -141,9 +142,7 @@ class Tenants:
 
     async def stop(self) -> None:
         if self._watcher is not None:
-            while not self._watcher.done():  # see Catalog.stop: one cancel can be lost
-                self._watcher.cancel()
-                await asyncio.wait({self._watcher}, timeout=0.5)
+            await end_task(self._watcher)
 
     async def refresh(self) -> None:
         """Re-read every key, team and user; replace the memory whole."""

@@ -51,7 +51,7 @@ def check_certificates(certfile: str) -> None:
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         probe.load_verify_locations(cafile=certfile)
-    except ssl.SSLError as exc:
+    except ssl.SSLError:
         raise TlsError(f"{certfile}: no PEM certificate in it") from None
 
 

@@ -17,6 +17,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError
 from ..sse import format_event
+from .openai_format import first_choice
 from .anthropic import shown
 
 # OpenAI finish_reason -> Anthropic stop_reason (anything else ends the turn).
@@ -191,12 +192,8 @@ def anthropic_usage(usage) -> dict:
 
 
 def to_anthropic_message(response: dict, model: str) -> dict:
-    choice = (response.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+    choice, message, text = first_choice(response)
     content: list[dict] = []
-    text = message.get("content")
-    if isinstance(text, list):
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict) and p.get("type") == "text")
     if text:
         content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or ():

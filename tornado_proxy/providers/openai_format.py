@@ -26,6 +26,16 @@ def text_of(content) -> str:
     return ""
 
 
+def first_choice(answer: dict) -> tuple[dict, dict, str | None]:
+    """A chat completion's first choice, its message, and the message's text (text parts joined)."""
+    choice = (answer.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    text = message.get("content")
+    if isinstance(text, list):
+        text = "".join(p.get("text", "") for p in text if isinstance(p, dict) and p.get("type") == "text")
+    return choice, message, text
+
+
 def content_parts(content, where: str) -> list[dict]:
     """A message's content as a list of OpenAI parts (a string becomes one text part)."""
     if content is None:

@@ -24,6 +24,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError
 from ..sse import format_event
+from .openai_format import first_choice
 
 # Request fields echoed in the response object (OpenAI's defaults when the request has none).
 ECHOED = {"instructions": None, "max_output_tokens": None, "max_tool_calls": None, "parallel_tool_calls": True,
@@ -293,12 +294,8 @@ def call_item(call_id: str, name: str, arguments: str, status: str = "completed"
 
 
 def to_response(chat: dict, draft: ResponseDraft) -> dict:
-    choice = (chat.get("choices") or [{}])[0]
-    msg = choice.get("message") or {}
+    choice, msg, text = first_choice(chat)
     output: list[dict] = []
-    text = msg.get("content")
-    if isinstance(text, list):
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict) and p.get("type") == "text")
     incomplete = INCOMPLETE.get(choice.get("finish_reason"))
     status = "incomplete" if incomplete else "completed"
     if text:
