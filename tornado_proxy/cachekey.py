@@ -169,15 +169,12 @@ def decode_entry(data: bytes | None, max_age: float | None, now: float | None = 
     return answer
 
 
-class StreamAssembler:
-    """Builds one ``chat.completion`` (or ``text_completion``) from the chunks of a stream."""
+class BoundedAssembler:
+    """Puts a streamed answer back together from its events' JSON payloads, up to
+    ``MAX_ENTRY_BYTES`` (past that it is ``too_large`` and never stored); ``take`` reads one."""
 
-    def __init__(self) -> None:
-        self.head: dict = {}
-        self.choices: dict[int, dict] = {}
-        self.usage: dict | None = None
-        self.size = 0
-        self.too_large = False
+    size = 0
+    too_large = False
 
     def add(self, payload: bytes) -> None:
         self.size += len(payload)
@@ -185,11 +182,25 @@ class StreamAssembler:
             self.too_large = True
             return
         try:
-            chunk = orjson.loads(payload)
+            event = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
-        if not isinstance(chunk, dict):
-            return
+        if isinstance(event, dict):
+            self.take(event)
+
+    def take(self, event: dict) -> None:
+        raise NotImplementedError
+
+
+class StreamAssembler(BoundedAssembler):
+    """Builds one ``chat.completion`` (or ``text_completion``) from the chunks of a stream."""
+
+    def __init__(self) -> None:
+        self.head: dict = {}
+        self.choices: dict[int, dict] = {}
+        self.usage: dict | None = None
+
+    def take(self, chunk: dict) -> None:
         if not self.head:
             self.head = {k: chunk.get(k) for k in ("id", "model", "system_fingerprint") if k in chunk}
             self.head["object"] = "text_completion" if chunk.get("object") == "text_completion" else "chat.completion"

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from .cachekey import MAX_ENTRY_BYTES
+from .cachekey import BoundedAssembler
 from .providers.anthropic_format import event, to_anthropic_message
 
 # How a complete answer ends (a refusal, a pause_turn or a cut stream is not kept).
@@ -47,7 +47,7 @@ def fresh_message(message: Mapping[str, Any]) -> dict:
     return {**message, "id": "msg_" + uuid.uuid4().hex[:24]}
 
 
-class MessageAssembler:
+class MessageAssembler(BoundedAssembler):
     """Builds one Anthropic ``message`` from the events of a pass-through stream (their JSON
     payloads, as ``relay_event`` hands them on); no answer unless ``message_stop`` arrived."""
 
@@ -56,20 +56,8 @@ class MessageAssembler:
         self.blocks: dict[int, dict] = {}
         self.partial_json: dict[int, str] = {}
         self.done = False
-        self.size = 0
-        self.too_large = False
 
-    def add(self, payload: bytes) -> None:
-        self.size += len(payload)
-        if self.too_large or self.size > MAX_ENTRY_BYTES:
-            self.too_large = True
-            return
-        try:
-            ev = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(ev, dict):
-            return
+    def take(self, ev: dict) -> None:
         kind = ev.get("type")
         if kind == "message_start" and isinstance(ev.get("message"), dict):
             self.message = {**ev["message"], "content": []}
