@@ -299,3 +299,16 @@ def test_openai_relays_response_events_and_notes_usage():
     state = StreamState()
     openai.parse_event("responses", b"not json", state)
     assert state.error is not None
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call_output", "call_id": "c1"}]}, "input[0].output"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "arguments": "{}"}]}, "input[0].name"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}, "text.format.schema"),
+])
+def test_missing_required_item_fields_are_400s_naming_them(body, param):
+    with pytest.raises(InvalidRequestError) as info:
+        chat({"model": "m", **body})
+    assert info.value.param == param

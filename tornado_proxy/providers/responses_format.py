@@ -143,9 +143,20 @@ def response_format(fmt) -> dict | None:
     if fmt["type"] == "json_object":
         return {"type": "json_object"}
     if fmt["type"] == "json_schema":
+        required_string(fmt, "name", "text.format")
+        if not isinstance(fmt.get("schema"), dict):
+            raise InvalidRequestError("Missing required parameter: 'text.format.schema' (a JSON schema object).",
+                                      param="text.format.schema")
         schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None}
         return {"type": "json_schema", "json_schema": schema}
     raise InvalidRequestError(f"Unsupported text.format type '{shown(fmt['type'])}'.", param="text.format.type")
+
+
+def required_string(obj: dict, key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"Missing required parameter: '{where}.{key}'.", param=f"{where}.{key}")
+    return value
 
 
 def chat_messages(items: list[dict], instructions) -> list[dict]:
@@ -156,15 +167,18 @@ def chat_messages(items: list[dict], instructions) -> list[dict]:
         if kind == "message":
             out += message(item, where)
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+            call = {"id": required_string(item, "call_id", where), "type": "function",
+                    "function": {"name": required_string(item, "name", where),
+                                 "arguments": item.get("arguments") or "{}"}}
             last = out[-1] if out else None
             if last is not None and last["role"] == "assistant" and ("tool_calls" in last or last.get("_open")):
                 last.setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+            if item.get("output") is None:
+                raise InvalidRequestError(f"Missing required parameter: '{where}.output'.", param=f"{where}.output")
+            out.append({"role": "tool", "tool_call_id": required_string(item, "call_id", where),
                         "content": text_of(item.get("output"), f"{where}.output")})
         elif kind == "reasoning":
             continue  # a reasoning model's own notes: chat takes none back
