@@ -478,3 +478,36 @@ async def test_postgres_outage_keeps_answering(gateway, fakes, pg_dsn, pg_server
     finally:
         admin_sql(pg_server, f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
     assert query(pg_dsn, "SELECT count(*) FROM proxy_responses")[0][0] == 0
+
+
+async def test_input_items_of_a_translated_response(client, gw, fetch, fake_openai_b):
+    first = await client.responses.create(model="compat", input="My name is Ann.")
+    second = await client.responses.create(
+        model="compat", previous_response_id=first.id,
+        input=[{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Who am I?"}]}])
+    page = await client.responses.input_items.list(second.id)  # newest first, as OpenAI
+    texts = [item.content[0].text for item in page.data]
+    assert texts == ["Who am I?", "echo: My name is Ann.", "My name is Ann."]
+    assert page.data[1].role == "assistant" and page.data[0].role == "user"
+    ids = [item.id for item in page.data]
+    assert len(set(ids)) == 3
+    asc = await client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [item.id for item in asc.data] == ids[::-1][:2] and asc.has_more
+    rest = await client.responses.input_items.list(second.id, order="asc", after=asc.data[-1].id)
+    assert [item.id for item in rest.data] == ids[:1] and not rest.has_more
+    all_pages = [item.id async for item in client.responses.input_items.list(second.id, limit=1)]
+    assert all_pages == ids  # the SDK's paging through `after` reaches every item once
+    for bad in ("limit=0", "limit=x", "order=up", "after=nope"):
+        r = await fetch(gw, f"/v1/responses/{second.id}/input_items?{bad}")
+        assert r.code == 400 and error_of(r)["param"] == bad.split("=")[0]
+    r = await fetch(gw, "/v1/responses/resp_unknown/input_items")
+    assert r.code == 404 and error_of(r)["param"] == "response_id"
+
+
+async def test_input_items_of_a_passthrough_response_are_asked_of_its_deployment(client, fake_openai):
+    made = await client.responses.create(model="gpt-native", input="hello")
+    page = await client.responses.input_items.list(made.id, limit=5, order="asc")
+    assert [item.content[0].text for item in page.data] == ["hello"]
+    last = fake_openai.received[-1]
+    assert (last.method, last.path) == ("GET", f"/v1/responses/{made.id}/input_items")
+    assert "limit=5" in last.query and "order=asc" in last.query

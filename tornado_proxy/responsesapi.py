@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Sequence
+from urllib.parse import urlencode
 
 from .errors import DatabaseUnavailable, InvalidRequestError, NotFoundError, ProxyError, ServiceUnavailableError
 from .handlers import BaseHandler
@@ -191,7 +192,7 @@ class ResponseHandler(BaseHandler):
             raise not_found(response_id)
         return record
 
-    async def forward(self, record: StoredResponse, method: str) -> None:
+    async def forward(self, record: StoredResponse, method: str, suffix: str = "", params: str = "") -> None:
         d = self.gw.registry.by_id.get(record.deployment_id or "")
         if d is None:
             raise NotFoundError(f"Response '{record.id[:100]}' was answered by deployment {record.deployment_id}, "
@@ -199,7 +200,7 @@ class ResponseHandler(BaseHandler):
         self.ctx.deployment = d
         self.set_model_headers(d)
         provider = PROVIDERS[d.provider]
-        request = provider.stored_response_request(d, method, record.id)
+        request = provider.stored_response_request(d, method, record.id, suffix, params)
         started = time.perf_counter()
         with naming_deployment(d, self.ctx.call_id):
             reply = await self.gw.upstream.fetch(request, d.timeout or self.gw.settings.timeout, Transfer(),
@@ -213,4 +214,49 @@ class ResponseHandler(BaseHandler):
         self.finish(reply.body)
 
 
-HANDLERS = {"responses": ResponsesHandler, "response": ResponseHandler}
+class ResponseInputItemsHandler(ResponseHandler):
+    """``GET /v1/responses/{response_id}/input_items``: the items the response was made from
+    (for a translated model: the whole conversation sent, earlier turns included), as OpenAI's
+    list: ``limit`` (1-100, 20), ``order`` (``desc`` by default, or ``asc``), ``after``."""
+
+    async def get(self, response_id: str) -> None:
+        limit, order, after = self.list_arguments()
+        record = await self.find(response_id)
+        if record.passthrough:
+            await self.forward(record, "GET", "/input_items", urlencode(
+                {k: v for k, v in (("limit", limit), ("order", order), ("after", after)) if v is not None}))
+            return
+        self.write_json(item_page(record, limit, order, after))
+
+    def list_arguments(self) -> tuple[int, str, str | None]:
+        try:
+            limit = int(self.get_query_argument("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
+        order = self.get_query_argument("order", "desc")
+        if order not in ("asc", "desc"):
+            raise InvalidRequestError("order must be 'asc' or 'desc'.", param="order")
+        return limit, order, self.get_query_argument("after", None)
+
+
+def item_page(record: StoredResponse, limit: int, order: str, after: str | None) -> dict:
+    """One page of a translated response's input items, each with an id (the client's, or one
+    derived from the response id and the item's place, so ``after`` works across calls)."""
+    items = [item if item.get("id") else {"id": f"msg_{record.id[5:]}_{n}", **item}
+             for n, item in enumerate(dict(i) for i in record.input_items)]
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise InvalidRequestError(f"No input item with id '{after[:100]}' in this response.", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+
+HANDLERS = {"responses": ResponsesHandler, "response": ResponseHandler,
+            "response_input_items": ResponseInputItemsHandler}

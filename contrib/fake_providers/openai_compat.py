@@ -639,6 +639,23 @@ class ResponsesHandler(BaseHandler):
         self.end_stream()
 
 
+class InputItemsHandler(BaseHandler):
+    """``GET /v1/responses/{id}/input_items``: the input items the response was made from,
+    as OpenAI lists them (``limit``, ``order``, default ``desc``)."""
+
+    def get(self, response_id: str) -> None:
+        found = self.state.responses.get(response_id)
+        if found is None:
+            return self.fail(404, f"Response with id '{response_id}' not found.", code=None)
+        items = [{"id": item.get("id") or f"msg_in_{n}", **item} for n, item in enumerate(found[1][:-1])]
+        if self.get_query_argument("order", "desc") == "desc":
+            items.reverse()
+        limit = int(self.get_query_argument("limit", "20"))
+        page = items[:limit]
+        self.send_json({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                        "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+
 class StoredResponseHandler(BaseHandler):
     """``GET`` / ``DELETE /v1/responses/{id}``."""
 
@@ -683,6 +700,7 @@ def make_app(state: FakeState) -> tornado.web.Application:
             (r".*/chat/completions", ChatCompletionsHandler, args),
             (r".*/responses", ResponsesHandler, args),
             (r".*/responses/([^/]+)", StoredResponseHandler, args),
+            (r".*/responses/([^/]+)/input_items", InputItemsHandler, args),
             (r".*/completions", CompletionsHandler, args),
             (r".*/embeddings", EmbeddingsHandler, args),
             (r".*/models", ModelsHandler, args),

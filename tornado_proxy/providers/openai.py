@@ -91,10 +91,13 @@ class OpenAIProvider(Provider):
     def auth_headers(self, d: Deployment) -> dict[str, str]:
         return {"Authorization": "Bearer " + d.api_key.reveal()} if d.api_key else {}
 
-    def stored_response_request(self, d: Deployment, method: str, response_id: str) -> UpstreamRequest:
-        """``GET`` / ``DELETE`` of a response this deployment stored (``/responses/{id}``)."""
+    def stored_response_request(self, d: Deployment, method: str, response_id: str, suffix: str = "",
+                                params: str = "") -> UpstreamRequest:
+        """``GET`` / ``DELETE`` of a response this deployment stored (``/responses/{id}``, or a
+        ``suffix`` under it such as ``/input_items``, with the client's query ``params``)."""
         url, _, query = self.url(d, "responses").partition("?")
-        url = f"{url}/{url_segment(response_id, 'response_id')}" + (f"?{query}" if query else "")
+        query = "&".join(q for q in (query, params) if q)
+        url = f"{url}/{url_segment(response_id, 'response_id')}{suffix}" + (f"?{query}" if query else "")
         return UpstreamRequest(url, method, {**d.extra_headers, **self.auth_headers(d)}, None)
 
     def parse_response(self, endpoint: str, reply: UpstreamReply) -> ProviderResponse:
