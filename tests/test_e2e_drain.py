@@ -32,6 +32,7 @@ import pytest
 from .conftest import MASTER_KEY as INPROC_KEY
 from .conftest import PROVIDER_KEY as INPROC_PROVIDER_KEY
 from .test_e2e_serve import HELLO, MASTER_KEY, PROVIDER_KEY, PROXYCTL, FakeProvider, child_env, free_port, wait_for
+from .test_e2e_serve import fake_provider  # noqa: F401 - the fixture, shared
 
 # --- in-process -------------------------------------------------------------------------------------
 
@@ -183,18 +184,6 @@ def instances():
         instance.close()
 
 
-@pytest.fixture
-def fake_provider():
-    started: list[FakeProvider] = []
-
-    def start(*args: str) -> FakeProvider:
-        fake = FakeProvider(*args)
-        started.append(fake)
-        return fake
-
-    yield start
-    for fake in started:
-        fake.stop()
 
 
 def probe(port: int) -> str:

@@ -17,6 +17,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError
 from ..sse import format_event
+from .base import event_object
 from .openai_format import first_choice
 from .anthropic import shown
 
@@ -222,11 +223,8 @@ class ChunksToEvents:
         self.usage: dict | None = None
 
     def feed(self, payload: bytes) -> bytes:
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return b""
-        if not isinstance(chunk, dict):
+        chunk = event_object(payload)
+        if chunk is None:
             return b""
         events = self.start(chunk)
         if isinstance(chunk.get("usage"), dict):

@@ -24,6 +24,7 @@ import orjson
 
 from ..errors import InvalidRequestError, ProxyError
 from ..sse import format_event
+from .base import event_object
 from .openai_format import first_choice
 
 # Request fields echoed in the response object (OpenAI's defaults when the request has none).
@@ -351,11 +352,8 @@ class ChunksToEvents:
         return format_event(orjson.dumps(data), name)
 
     def feed(self, payload: bytes) -> bytes:
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return b""
-        if not isinstance(chunk, dict):
+        chunk = event_object(payload)
+        if chunk is None:
             return b""
         self.model = self.model or chunk.get("model") or None
         out = self.start()
