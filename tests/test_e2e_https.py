@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import ssl
 import subprocess
@@ -22,8 +21,8 @@ from click.testing import CliRunner
 from tornado_proxy.cli import cli
 from tornado_proxy.tls import server_context
 
-from .test_e2e_serve import HELLO, MASTER_KEY, PROVIDER_KEY, PROXYCTL, ROOT, FakeProvider, child_env, children_of, \
-    free_port, wait_for
+from .test_e2e_serve import HELLO, MASTER_KEY, PROVIDER_KEY, PROXYCTL, ROOT, FakeProvider, Served, child_env, \
+    children_of, free_port, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +41,13 @@ def tls_files(ca, tmp_path):
     return tuple(str(p) for p in paths)
 
 
-class HttpsServed:
+class HttpsServed(Served):
     """`proxyctl serve` on a free port with HTTPS files given by flags or environment."""
 
     def __init__(self, tmp_path, config: str, workers: int, ca_file: str, *args: str, **env: str):
-        (tmp_path / "config.yaml").write_text(config)
-        self.port = free_port()
+        super().__init__(tmp_path, config, workers, *args, **env)
         self.url = f"https://127.0.0.1:{self.port}"
         self.client_context = ssl.create_default_context(cafile=ca_file)
-        self.stderr_path = tmp_path / "stderr.log"
-        self._stderr = open(self.stderr_path, "wb")
-        env.setdefault("LITELLM_MASTER_KEY", MASTER_KEY)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(PROXYCTL), "serve", "--config", str(tmp_path / "config.yaml"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--num-workers", str(workers), *args],
-            stdout=subprocess.DEVNULL, stderr=self._stderr, env=child_env(**env), cwd=tmp_path, start_new_session=True)
 
     def get(self, path: str) -> tuple[int, bytes]:
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.client_context, timeout=5)
@@ -79,16 +70,6 @@ class HttpsServed:
         status, body = self.get("/health/readiness")
         assert status == 200
         return json.loads(body)["worker_pid"]
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._stderr.close()
 
 
 @pytest.fixture
