@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -126,9 +126,8 @@ class Database:
                 await self._pool.clear()  # drop connections the server has gone away from
             raise DatabaseUnavailable(describe(exc)) from None
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # a real cancellation
+            if really_cancelled():
+                raise
             # aiopg turns a server-side statement timeout into CancelledError
             raise DatabaseUnavailable("statement timed out") from None
 
@@ -138,27 +137,24 @@ class Database:
             async with cur.begin():
                 yield cur
 
+    async def own_connection(self) -> aiopg.Connection:
+        """A connection outside the pool (a session lock, a LISTEN), closed by the caller."""
+        try:
+            return await aiopg.connect(self.dsn, **self.connect_kwargs())
+        except UNREACHABLE as exc:
+            raise DatabaseUnavailable(describe(exc)) from None
+
     @asynccontextmanager
     async def startup_lock(self) -> AsyncIterator[None]:
         """Held while one instance migrates and syncs; the others wait their turn.
 
         The lock lives on a connection of its own, outside the pool: the work done under it
         needs pool connections, and a pool of one would otherwise wait on itself."""
+        conn = await self.own_connection()
         try:
-            conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
-        except UNREACHABLE as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
-        try:
-            try:
+            with unavailable_on_failure("timed out waiting for the start-up lock"):
                 async with conn.cursor() as cur:
                     await cur.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
-            except UNREACHABLE as exc:
-                raise DatabaseUnavailable(describe(exc)) from None
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                raise DatabaseUnavailable("timed out waiting for the start-up lock") from None
             yield  # closing the connection releases the (session-level) lock
         finally:
             conn.close()
@@ -168,26 +164,14 @@ class Database:
         """A cursor on a connection of its own holding the session advisory lock ``lock_id``, or
         None when another session holds it (no waiting). For work done in several transactions
         under one lock; closing the connection releases the lock, whatever happened."""
-        try:
-            conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
-        except UNREACHABLE as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
+        conn = await self.own_connection()
         try:
             async with conn.cursor() as cur:
-                try:
+                with unavailable_on_failure():
                     await cur.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,))
                     locked = (await cur.fetchone())[0]
-                except UNREACHABLE as exc:
-                    raise DatabaseUnavailable(describe(exc)) from None
-                try:
+                with unavailable_on_failure():
                     yield cur if locked else None
-                except UNREACHABLE as exc:
-                    raise DatabaseUnavailable(describe(exc)) from None
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
-                    raise DatabaseUnavailable("statement timed out") from None
         finally:
             conn.close()
 
@@ -290,10 +274,7 @@ class Database:
 
     async def listen(self, channel: str = CHANNEL) -> aiopg.Connection:
         """A dedicated connection LISTENing on a change channel (``conn.notifies`` is a queue)."""
-        try:
-            conn = await aiopg.connect(self.dsn, **self.connect_kwargs())
-        except UNREACHABLE as exc:
-            raise DatabaseUnavailable(describe(exc)) from None
+        conn = await self.own_connection()
         try:
             async with conn.cursor() as cur:
                 await cur.execute(f"LISTEN {channel}")
@@ -370,6 +351,26 @@ async def keep_listening(db: Database, channel: str, catch_up, listen, lost, nam
                 listener.close()
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+def really_cancelled() -> bool:
+    """A CancelledError is a real cancellation of this task (aiopg also raises one for a
+    server-side statement timeout)."""
+    task = asyncio.current_task()
+    return task is not None and bool(task.cancelling())
+
+
+@contextmanager
+def unavailable_on_failure(timeout_message: str = "statement timed out"):
+    """Inside: an unreachable server or a statement timeout is raised as DatabaseUnavailable."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        raise DatabaseUnavailable(describe(exc)) from None
+    except asyncio.CancelledError:
+        if really_cancelled():
+            raise
+        raise DatabaseUnavailable(timeout_message) from None
 
 
 def describe(exc: BaseException) -> str:
