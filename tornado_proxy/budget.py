@@ -9,12 +9,11 @@ most the requests in flight at that moment."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import DatabaseUnavailable, ProxyError
-from .tasks import end_task
+from .tasks import Timer
 
 if TYPE_CHECKING:
     from .auth import Principal
@@ -88,41 +87,28 @@ def soft_budget_crossings(records: list, cost: float) -> list[tuple[str, str, fl
     return out
 
 
-class BudgetReset:
+class BudgetReset(Timer):
     """Every ``interval`` seconds, resets the budgets that are due. Every worker runs the
     timer; a PostgreSQL advisory lock makes one of them (of all instances) do the work."""
 
     def __init__(self, store: SpendStore | None, interval: float):
         self.store = store
         self.interval = interval
-        self._task: asyncio.Task | None = None
-        self._stopping: asyncio.Event | None = None
 
     def start(self) -> None:
         if self.store is not None:
-            self._stopping = asyncio.Event()
-            self._task = asyncio.create_task(self.run())
+            self.start_rounds()
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.interval)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                reset = await self.store.reset_budgets()
-            except DatabaseUnavailable:
-                continue
-            except Exception:  # e.g. not migrated yet: try again next time
-                log.exception("budget reset")
-                continue
-            for table, ids in (reset or {}).items():
-                log.info("budget reset: spend set to 0 for %d row(s) of %s", len(ids), table)
+    def delay(self, first: bool) -> float:
+        return self.interval
 
-    async def stop(self) -> None:
-        """Let a reset under way finish (no transaction is cut), then end the timer."""
-        if self._task is not None:
-            self._stopping.set()
-            await end_task(self._task, grace=5)
-            self._task = None
+    async def round(self) -> None:
+        try:
+            reset = await self.store.reset_budgets()
+        except DatabaseUnavailable:
+            return
+        except Exception:  # e.g. not migrated yet: try again next time
+            log.exception("budget reset")
+            return
+        for table, ids in (reset or {}).items():
+            log.info("budget reset: spend set to 0 for %d row(s) of %s", len(ids), table)

@@ -283,7 +283,7 @@ class LLMHandler(CachedAnswers, BaseHandler):
             return  # no database: no spend log to write (and no event to build)
         prompt, completion = tokens(usage, "prompt_tokens"), tokens(usage, "completion_tokens")
         event = SpendEvent(
-            request_id=self.ctx.call_id, call_type=CALL_TYPES.get(self.endpoint, self.endpoint),
+            request_id=self.ctx.call_id, call_type=self.call_type or self.endpoint,
             api_key=key.token if key is not None else self.gw.master_key_hash(), spend=cost,
             prompt_tokens=prompt, completion_tokens=completion,
             total_tokens=tokens(usage, "total_tokens") or prompt + completion,

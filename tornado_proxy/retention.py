@@ -9,7 +9,6 @@ skip the round. A database outage skips the round too, with a log line."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 from .config import ConfigError
 from .errors import DatabaseUnavailable
 from .keystore import parse_duration
-from .tasks import end_task
+from .tasks import Timer
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -56,7 +55,7 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class SpendLogRetention:
+class SpendLogRetention(Timer):
     """The background clean-up of one instance (see the module doc)."""
 
     def __init__(self, store: SpendStore | None, settings: RetentionSettings, batch_size: int = BATCH_SIZE,
@@ -65,8 +64,6 @@ class SpendLogRetention:
         self.settings = settings
         self.batch_size = batch_size
         self.pause = pause
-        self._task: asyncio.Task | None = None
-        self._stopping: asyncio.Event | None = None
 
     def configure(self, settings: RetentionSettings) -> None:
         """A reload: the new period applies from the next round, the new interval after this wait."""
@@ -74,19 +71,13 @@ class SpendLogRetention:
 
     def start(self) -> None:
         if self.store is not None:
-            self._stopping = asyncio.Event()
-            self._task = asyncio.create_task(self.run())
+            self.start_rounds()
 
-    async def run(self) -> None:
-        delay = min(self.settings.interval, FIRST_ROUND_MAX)
-        while True:
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
-                return
-            except asyncio.TimeoutError:
-                pass
-            delay = self.settings.interval
-            await self.run_once()
+    def delay(self, first: bool) -> float:
+        return min(self.settings.interval, FIRST_ROUND_MAX) if first else self.settings.interval
+
+    async def round(self) -> None:
+        await self.run_once()
 
     async def run_once(self, now: dt.datetime | None = None) -> Pruned | None:
         """One round: None when retention is off, another session was pruning, or the database
@@ -108,10 +99,3 @@ class SpendLogRetention:
             log.info("spend log retention: deleted %d spend log row(s) older than %s in %d statement(s)",
                      result.deleted, cutoff.isoformat(), result.statements)
         return result
-
-    async def stop(self) -> None:
-        """Ends the timer; a round under way stops after its current batch."""
-        if self._task is not None:
-            self._stopping.set()
-            await end_task(self._task, grace=5)
-            self._task = None

@@ -1,4 +1,4 @@
-"""Ending the gateway's background tasks (watchers, timers, writers)."""
+"""The gateway's background tasks (watchers, timers, writers): ending them, and timers."""
 
 from __future__ import annotations
 
@@ -15,3 +15,38 @@ async def end_task(task: asyncio.Task, grace: float = 0.0) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.5)
+
+
+class Timer:
+    """A round every ``delay(first)`` seconds, in a task of its own (off the request path),
+    until ``stop``: a round under way finishes first (no transaction is cut)."""
+
+    _task: asyncio.Task | None = None
+    _stopping: asyncio.Event | None = None
+
+    def delay(self, first: bool) -> float:
+        raise NotImplementedError
+
+    async def round(self) -> None:
+        raise NotImplementedError
+
+    def start_rounds(self) -> None:
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._rounds())
+
+    async def _rounds(self) -> None:
+        first = True
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.delay(first))
+                return
+            except asyncio.TimeoutError:
+                pass
+            first = False
+            await self.round()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._stopping.set()
+            await end_task(self._task, grace=5)
+            self._task = None
